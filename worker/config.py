@@ -1,0 +1,99 @@
+"""Settings, read from environment variables (and a mounted secret file) by pydantic-settings.
+
+Every field is one environment variable of the same name in upper case, e.g. ``vapi_base_url`` is
+``VAPI_BASE_URL``. Durations carry their unit in the name. The README's configuration table lists
+them all; a test keeps that table, the k8s manifests and this model in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+#: Where the real API lives; the default when VAPI_API_KEY is given.
+VAPI_PUBLIC_URL = "https://api.vapi.ai"
+
+
+class Settings(BaseSettings):
+    """All of the worker's configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    worker_app_id: str = "vapi-stream-worker"
+    topic_requests: str = "chat.requests"
+    topic_deltas: str = "chat.deltas"
+    topic_responses: str = "chat.responses"
+    topic_dlq: str = "chat.requests.dlq"
+    topic_partitions: int = Field(default=8, ge=1)
+    topic_replication_factor: int = Field(default=1, ge=1)
+
+    # Vapi
+    vapi_base_url: str | None = None
+    vapi_api_key: SecretStr | None = None
+    vapi_api_key_file: Path | None = None
+    vapi_assistant_id: str = "sim-assistant"
+    vapi_assistant_allowlist: list[str] = Field(default_factory=list)
+    vapi_context_mode: Literal["previous_chat_id", "session_id"] = "previous_chat_id"
+    vapi_connect_timeout_s: float = Field(default=5.0, gt=0)
+    vapi_first_delta_timeout_s: float = Field(default=30.0, gt=0)
+    vapi_stall_timeout_s: float = Field(default=20.0, gt=0)
+    vapi_request_timeout_s: float = Field(default=120.0, gt=0)
+    vapi_max_connections: int = Field(default=512, ge=1)
+
+    # Retries
+    retry_max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay_s: float = Field(default=0.5, ge=0)
+    retry_max_delay_s: float = Field(default=20.0, ge=0)
+
+    # Concurrency
+    worker_max_in_flight: int = Field(default=256, ge=1)
+    worker_max_buffered: int = Field(default=1024, ge=1)
+    worker_delta_coalesce_ms: int = Field(default=0, ge=0)
+    worker_delta_coalesce_chars: int = Field(default=0, ge=0)
+    worker_completed_ids_kept: int = Field(default=64, ge=1)
+    worker_shutdown_grace_s: float = Field(default=25.0, gt=0)
+
+    # Input limits
+    max_input_chars: int = Field(default=32_000, ge=1)
+    max_metadata_bytes: int = Field(default=16_384, ge=0)
+
+    # Operations
+    worker_http_port: int = Field(default=6066, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    # The embedded simulator (used when no VAPI_API_KEY is set and no VAPI_BASE_URL is given)
+    simulator_api_key: SecretStr = SecretStr("sim-key")
+    simulator_inter_token_delay_s: float = Field(default=0.03, ge=0)
+    simulator_first_token_latency_s: float = Field(default=0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> Settings:
+        if self.vapi_api_key is None and self.vapi_api_key_file is not None:
+            try:
+                key = self.vapi_api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"cannot read VAPI_API_KEY_FILE: {exc.strerror}") from exc
+            self.vapi_api_key = SecretStr(key)
+        return self
+
+    @property
+    def uses_embedded_simulator(self) -> bool:
+        """True when neither a key nor a base URL points the worker at a real Vapi."""
+        return self.vapi_api_key is None and self.vapi_base_url is None
+
+    def effective_vapi_base_url(self) -> str:
+        """The base URL to call when the embedded simulator is not in use."""
+        return (self.vapi_base_url or VAPI_PUBLIC_URL).rstrip("/")

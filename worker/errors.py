@@ -1,0 +1,111 @@
+"""The worker's exceptions, one tree, each class saying whether a retry may help.
+
+    WorkerError
+    ├── InvalidRequestError          a record on chat.requests cannot be read (goes to the DLQ)
+    ├── ConfigError                  settings that cannot work together (exit with a message)
+    └── VapiError                    anything that went wrong talking to Vapi
+        ├── VapiConnectError         could not connect / connection reset before a response   retryable
+        ├── VapiTimeoutError         connect, first delta, stall between deltas, whole request  retryable
+        ├── VapiStreamBrokenError    the stream ended abnormally after it started             retryable
+        ├── VapiProtocolError        the server spoke something that is not Vapi's SSE         not retryable
+        └── VapiStatusError          a non-2xx status; ``retryable`` by status (429, 5xx)
+            ├── VapiAuthError        401/403: the key is wrong; the worker reports itself unready
+            └── VapiRateLimitedError 429, with the server's Retry-After in seconds when given
+
+Lower-level exceptions (httpx, json) are mapped to these at one boundary, ``worker.vapi.client``,
+with ``raise ... from exc``, so nothing above it imports httpx.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+    code: str = "worker_error"
+    retryable: bool = False
+
+
+class InvalidRequestError(WorkerError):
+    """A record on the request topic is not a valid ``ChatRequest``; ``reason`` says why."""
+
+    code = "invalid_request"
+
+    def __init__(self, reason: str, *, detail: str | None = None) -> None:
+        super().__init__(reason if detail is None else f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigError(WorkerError):
+    """The settings cannot work; the CLI prints this and exits non-zero."""
+
+    code = "config_error"
+
+
+class VapiError(WorkerError):
+    """Talking to Vapi failed."""
+
+    code = "vapi_error"
+    http_status: int | None = None
+
+
+class VapiConnectError(VapiError):
+    """No connection, or the connection was refused or reset before any response."""
+
+    code = "vapi_connect_error"
+    retryable = True
+
+
+class VapiTimeoutError(VapiError):
+    """A deadline passed: connect, first delta, gap between deltas (stall) or the whole request."""
+
+    code = "vapi_timeout"
+    retryable = True
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class VapiStreamBrokenError(VapiError):
+    """The SSE stream broke off after it had started (disconnect mid-stream)."""
+
+    code = "vapi_stream_broken"
+    retryable = True
+
+
+class VapiProtocolError(VapiError):
+    """The response is not Vapi's protocol (wrong content type, undecodable event)."""
+
+    code = "vapi_protocol_error"
+
+
+class VapiStatusError(VapiError):
+    """Vapi answered with a non-2xx status."""
+
+    code = "vapi_http_error"
+
+    def __init__(self, message: str, *, http_status: int, body: str = "") -> None:
+        super().__init__(message)
+        self.http_status = http_status
+        self.body = body
+        self.retryable = http_status == 429 or http_status >= 500
+
+
+class VapiAuthError(VapiStatusError):
+    """401 or 403: the API key is wrong or lacks rights. Retrying cannot help."""
+
+    code = "vapi_auth_error"
+
+
+class VapiRateLimitedError(VapiStatusError):
+    """429 Too Many Requests; ``retry_after_s`` is the server's hint, if any."""
+
+    code = "vapi_rate_limited"
+
+    def __init__(
+        self, message: str, *, http_status: int = 429, body: str = "", retry_after_s: float | None
+    ) -> None:
+        super().__init__(message, http_status=http_status, body=body)
+        self.retry_after_s = retry_after_s
