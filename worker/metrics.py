@@ -1,0 +1,240 @@
+"""The worker's Prometheus metrics, created against a registry passed in (never the global one).
+
+Names are a contract (design.md §6): dashboards, alert rules and the HPA read them. Every label
+has a bounded set of values; the sets below are pre-initialised so that each series shows as 0
+from the first scrape, and ``rate()`` sees the first increment.
+
+    chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
+    chat_worker_deltas_total                     deltas published to the delta topic
+    chat_worker_in_flight                        Vapi streams open now
+    chat_worker_buffered                         records taken from Kafka and not finished
+    chat_worker_time_to_first_delta_seconds      request start → first delta
+    chat_worker_request_duration_seconds         request start → final response published
+    chat_worker_queue_wait_seconds               record taken → request started
+    chat_worker_delta_publish_seconds            SSE event received → Kafka ack of its delta
+    chat_worker_vapi_responses_total{status}     HTTP status as a string, or "error" (no response)
+    chat_worker_retries_total{reason}            see RETRY_REASONS
+    chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
+    chat_worker_malformed_events_total           SSE events that could not be decoded
+    chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
+    chat_worker_vapi_ready                       1 while the API key is accepted, else 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+#: Values of ``outcome`` on ``chat_worker_requests_total``.
+OUTCOMES: Final = ("completed", "failed", "invalid", "duplicate")
+
+#: Values of ``reason`` on ``chat_worker_retries_total``; "other" catches a retryable error of a
+#: kind added later, so the label stays bounded.
+RETRY_REASONS: Final = (
+    "rate_limited",
+    "server_error",
+    "connect",
+    "timeout",
+    "stream_broken",
+    "context_reset",
+    "other",
+)
+
+#: Values of ``reason`` on ``chat_worker_dlq_total``: the reason codes of ``InvalidRequestError``.
+#: ``dlq_reason()`` maps any other code to "other", so a new code cannot grow the series count.
+DLQ_REASONS: Final = (
+    "not_utf8",
+    "not_json",
+    "schema_invalid",
+    "key_mismatch",
+    "input_too_large",
+    "metadata_too_large",
+    "assistant_not_allowed",
+    "other",
+)
+
+#: Time to first delta and whole-request duration of an LLM stream: tens of ms to minutes.
+STREAM_BUCKETS_S: Final = (
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    300.0,
+)
+
+#: Wait between taking a record and starting it: ~0 when idle, minutes under backpressure.
+QUEUE_BUCKETS_S: Final = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+#: SSE receipt → Kafka ack of one delta: milliseconds normally, seconds when the broker struggles.
+PUBLISH_BUCKETS_S: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+PREFIX: Final = "chat_worker"
+
+
+def dlq_reason(reason: str) -> str:
+    """The bounded ``reason`` label value for a dead-letter reason code."""
+    return reason if reason in DLQ_REASONS else "other"
+
+
+def vapi_status(status: int | None) -> str:
+    """The ``status`` label value for a Vapi HTTP status, or ``"error"`` when none came back."""
+    return "error" if status is None else str(status)
+
+
+class WorkerMetrics:
+    """Every metric the worker exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests_total = Counter(
+            f"{PREFIX}_requests_total",
+            "Requests finished, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.deltas_total = Counter(
+            f"{PREFIX}_deltas_total", "Deltas published to the delta topic.", registry=registry
+        )
+        self.in_flight = Gauge(f"{PREFIX}_in_flight", "Vapi streams in flight.", registry=registry)
+        self.buffered = Gauge(
+            f"{PREFIX}_buffered",
+            "Records taken from Kafka and not finished (waiting or in flight).",
+            registry=registry,
+        )
+        self.time_to_first_delta_seconds = Histogram(
+            f"{PREFIX}_time_to_first_delta_seconds",
+            "Time from the start of a request to its first delta.",
+            buckets=STREAM_BUCKETS_S,
+            registry=registry,
+        )
+        self.request_duration_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from the start of a request to its final response, retries included.",
+            buckets=STREAM_BUCKETS_S,
+            registry=registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time from taking a record to starting its request.",
+            buckets=QUEUE_BUCKETS_S,
+            registry=registry,
+        )
+        self.delta_publish_seconds = Histogram(
+            f"{PREFIX}_delta_publish_seconds",
+            "Time from receiving an SSE event to Kafka acknowledging its delta.",
+            buckets=PUBLISH_BUCKETS_S,
+            registry=registry,
+        )
+        self.vapi_responses_total = Counter(
+            f"{PREFIX}_vapi_responses_total",
+            'Vapi HTTP responses by status code ("error" when no response came back).',
+            ["status"],
+            registry=registry,
+        )
+        self.retries_total = Counter(
+            f"{PREFIX}_retries_total",
+            "Vapi calls retried, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.dlq_total = Counter(
+            f"{PREFIX}_dlq_total",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.malformed_events_total = Counter(
+            f"{PREFIX}_malformed_events_total",
+            "SSE events from Vapi that could not be decoded.",
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            f"{PREFIX}_consumer_lag",
+            "Records behind the end of each assigned request partition.",
+            ["partition"],
+            registry=registry,
+        )
+        self.vapi_ready = Gauge(
+            f"{PREFIX}_vapi_ready",
+            "1 while Vapi accepts the API key, 0 after an authentication failure.",
+            registry=registry,
+        )
+        for outcome in OUTCOMES:
+            self.requests_total.labels(outcome=outcome)
+        for reason in RETRY_REASONS:
+            self.retries_total.labels(reason=reason)
+        for reason in DLQ_REASONS:
+            self.dlq_total.labels(reason=reason)
+
+    def count_dead_letter(self, reason: str) -> None:
+        """Count one record sent to the DLQ, with its reason code bounded by ``dlq_reason``."""
+        self.dlq_total.labels(reason=dlq_reason(reason)).inc()
+
+    def count_vapi_response(self, status: int | None) -> None:
+        """Count one Vapi response by HTTP status, or a call that got no response."""
+        self.vapi_responses_total.labels(status=vapi_status(status)).inc()
+
+    def set_consumer_lag(self, partition: int, lag: int) -> None:
+        """Set the lag of one assigned request partition (never below 0)."""
+        self.consumer_lag.labels(partition=str(partition)).set(max(lag, 0))
+
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """Drop the lag series of revoked partitions, so another worker's value stands alone."""
+        for partition in partitions:
+            self.consumer_lag.remove(str(partition))
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus' text exposition format (version 0.0.4)."""
+    return generate_latest(registry)
