@@ -1,0 +1,162 @@
+"""Logging: structlog for our code, the standard library's loggers rendered the same way.
+
+One handler on the root logger renders every line, whether it came from ``structlog.get_logger()``
+or from a library's ``logging.getLogger()`` (Faust's ``faust`` and ``mode``, ``aiokafka``): JSON
+lines when the stream is not a terminal (or ``fmt="json"``), structlog's console renderer on one.
+Request context (``request_id``, ``conversation_id``, ``attempt``) is bound by the pipeline with
+``structlog.contextvars`` and merged into every line, the libraries' lines included.
+
+Secrets never reach the output: a value registered with ``register_secret`` is replaced by
+``***`` wherever it appears in a string, and any ``Bearer <token>`` is masked.
+
+Faust's worker (``mode.Worker``) replaces the root logger's handlers at start unless it is created
+with ``override_logging=False``; the CLI configures logging here and starts Faust that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, Final, Literal, TextIO
+
+import structlog
+from structlog.tracebacks import ExceptionDictTransformer
+from structlog.types import EventDict, Processor, WrappedLogger
+
+from worker.errors import ConfigError
+
+LogFormat = Literal["auto", "json", "console"]
+
+#: What a secret is replaced with.
+MASK: Final = "***"
+
+#: Library loggers routed through our handler (their own handlers are removed).
+LIBRARY_LOGGERS: Final = ("faust", "mode", "aiokafka", "aiohttp", "httpx", "httpcore")
+
+_HANDLER_NAME: Final = "worker.logs"
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
+_secrets: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Have every later log line show ``***`` wherever ``value`` appears."""
+    if value:
+        _secrets.add(value)
+
+
+def redact(value: object) -> object:
+    """``value`` with registered secrets and bearer tokens masked, inside containers too."""
+    if isinstance(value, str):
+        return _redact_text(value)
+    if isinstance(value, Mapping):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    return value
+
+
+def _redact_text(text: str) -> str:
+    if text in _secrets:
+        return MASK
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return _BEARER.sub(rf"\1 {MASK}", text)
+
+
+def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """A structlog processor: mask secrets in every value of the event."""
+    return {key: redact(value) for key, value in event_dict.items()}
+
+
+def configure_logging(
+    level: str = "INFO", fmt: LogFormat = "auto", *, stream: TextIO | None = None
+) -> None:
+    """Route structlog and the standard library's logging to ``stream`` (stderr), one format.
+
+    Raises ``ConfigError`` for a level name the logging module does not know. Calling it again
+    replaces the previous configuration.
+    """
+    out = sys.stderr if stream is None else stream
+    threshold = _level_number(level)
+    pre_chain: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *pre_chain,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        # Not cached, so that tests can swap the configuration (structlog.testing.capture_logs).
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*pre_chain, structlog.stdlib.ExtraAdder()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            *_render_chain(json=_wants_json(fmt, out), colors=_isatty(out)),
+        ],
+    )
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    _install(handler, threshold)
+
+
+def _install(handler: logging.Handler, threshold: int) -> None:
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+        library.setLevel(logging.NOTSET)
+    logging.captureWarnings(True)
+
+
+def _render_chain(*, json: bool, colors: bool) -> list[Processor]:
+    if json:
+        return [
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            redact_secrets,
+            structlog.processors.JSONRenderer(default=_json_default),
+        ]
+    # The console renderer formats exceptions itself (tracebacks are not redacted there).
+    return [redact_secrets, structlog.dev.ConsoleRenderer(colors=colors)]
+
+
+def _wants_json(fmt: LogFormat, stream: TextIO) -> bool:
+    if fmt == "auto":
+        return not _isatty(stream)
+    return fmt == "json"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _level_number(level: str) -> int:
+    number = logging.getLevelNamesMapping().get(level.strip().upper())
+    if number is None:
+        raise ConfigError(f"unknown LOG_LEVEL {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    return number
+
+
+def _json_default(value: Any) -> str:
+    return _redact_text(repr(value))
