@@ -43,12 +43,18 @@ RETRY_REASONS: Final = (
     "other",
 )
 
-#: Values of ``reason`` on ``chat_worker_dlq_total``: the reason codes of ``InvalidRequestError``.
+#: Values of ``reason`` on ``chat_worker_dlq_total``: the reason codes of ``InvalidRequestError``
+#: (``worker.messages.INVALID_REASONS`` plus the worker's own assistant allowlist check).
 #: ``dlq_reason()`` maps any other code to "other", so a new code cannot grow the series count.
 DLQ_REASONS: Final = (
+    "empty",
     "not_utf8",
     "not_json",
-    "schema_invalid",
+    "not_object",
+    "unknown_schema",
+    "missing_field",
+    "invalid_field",
+    "empty_conversation_id",
     "key_mismatch",
     "input_too_large",
     "metadata_too_large",

@@ -172,3 +172,10 @@ def test_render_is_parseable_text_format(
     families = {family.name for family in text_string_to_metric_families(text)}
     assert set(CONTRACT) <= families
     assert 'chat_worker_retries_total{reason="timeout"} 1.0' in text
+
+
+def test_every_dead_letter_reason_code_has_its_own_series() -> None:
+    """Each reason code that message decoding can raise is pre-initialised, not lumped as other."""
+    from worker.messages import INVALID_REASONS
+
+    assert set(INVALID_REASONS) <= set(DLQ_REASONS)
