@@ -17,7 +17,7 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
     chat_worker_malformed_events_total           SSE events that could not be decoded
     chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
-    chat_worker_vapi_ready                       1 while the API key is accepted, else 0
+    chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
 """
 
 from __future__ import annotations
@@ -213,9 +213,11 @@ class WorkerMetrics:
         )
         self.vapi_ready = Gauge(
             f"{PREFIX}_vapi_ready",
-            "1 while Vapi accepts the API key, 0 after an authentication failure.",
+            "0 after Vapi rejected the API key (401/403), 1 otherwise (also before any call).",
             registry=registry,
         )
+        # Not known to be bad until Vapi says so, like the readiness check's vapi_auth.
+        self.vapi_ready.set(1)
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
         for reason in RETRY_REASONS:

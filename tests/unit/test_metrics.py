@@ -74,6 +74,11 @@ def test_labelled_counters_start_at_zero(
         assert sample(registry, "chat_worker_dlq_total", reason=reason) == 0
 
 
+def test_vapi_ready_starts_at_one(registry: CollectorRegistry, metrics: WorkerMetrics) -> None:
+    """Before any call the key is not known to be bad, so an idle worker does not alert."""
+    assert sample(registry, "chat_worker_vapi_ready") == 1
+
+
 def test_outcomes_and_retry_reasons_match_the_contract() -> None:
     """The label sets are the ones dashboards and the pipeline use."""
     assert set(OUTCOMES) == {"completed", "failed", "invalid", "duplicate"}
@@ -110,13 +115,13 @@ def test_observations_land_in_the_registry(
     metrics.deltas_total.inc(3)
     metrics.in_flight.set(2)
     metrics.time_to_first_delta_seconds.observe(0.3)
-    metrics.vapi_ready.set(1)
+    metrics.vapi_ready.set(0)
     assert sample(registry, "chat_worker_requests_total", outcome="completed") == 1
     assert sample(registry, "chat_worker_deltas_total") == 3
     assert sample(registry, "chat_worker_in_flight") == 2
     assert sample(registry, "chat_worker_time_to_first_delta_seconds_count") == 1
     assert sample(registry, "chat_worker_time_to_first_delta_seconds_bucket", le="0.5") == 1
-    assert sample(registry, "chat_worker_vapi_ready") == 1
+    assert sample(registry, "chat_worker_vapi_ready") == 0
 
 
 def test_dead_letter_reasons_stay_bounded(
