@@ -1,0 +1,199 @@
+"""``POST /chat``: the one Vapi endpoint the simulator speaks, from auth to the last byte.
+
+Why one module: the order of checks is itself behaviour clients notice, and it is Vapi's order:
+auth (401), body and ``CreateChatDTO`` (400), then the call's faults (so a simulated 429 needs a
+valid request), then the conversation context (404 unknown ``previousChatId``/``sessionId``, 400
+other assistant), then the reply, streamed or whole. Every call is recorded, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import web
+
+from worker.simulator.config import SimulatorConfig
+from worker.simulator.directives import ParsedInput, parse_input
+from worker.simulator.errors import ChatRejectedError, SpecError
+from worker.simulator.faults import (
+    DisconnectFault,
+    FaultPlan,
+    MalformedFault,
+    ResetFault,
+    StallFault,
+    StatusFault,
+)
+from worker.simulator.replies import compose_reply, split_tokens
+from worker.simulator.state import CallRecord, SimulatorState, StoredChat
+from worker.simulator.streaming import ReplyStream, StreamPlan
+from worker.simulator.validation import ChatRequest, validate_chat_request
+
+_JSON = "application/json"
+
+
+def error_response(
+    status: int, message: str | list[str], headers: dict[str, str] | None = None
+) -> web.Response:
+    """Vapi's error body: ``{"message", "error": <reason phrase>, "statusCode"}``."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body = {"message": message, "error": phrase, "statusCode": status}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _status_fault_response(fault: StatusFault) -> web.Response:
+    headers = {}
+    if fault.retry_after is not None:
+        headers["Retry-After"] = fault.retry_after
+    elif fault.retry_after_in_s is not None:
+        headers["Retry-After"] = formatdate(time.time() + fault.retry_after_in_s, usegmt=True)
+    message = fault.message or f"Simulated {fault.code} {HTTPStatus(fault.code).phrase}"
+    return error_response(fault.code, message, headers)
+
+
+def _reset_connection(request: web.Request) -> web.Response:
+    """Drop the connection with a TCP RST, so the client sees a reset, not a clean close."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    return web.Response(status=500)  # never reaches the client: the connection is gone
+
+
+def _close_connection(request: web.Request) -> web.Response:
+    """Close the connection cleanly (FIN) without having sent a response."""
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)  # never reaches the client: the connection is gone
+
+
+def _int_header(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+class ChatHandler:
+    """Serves ``POST /chat`` against one config and one state."""
+
+    def __init__(self, config: SimulatorConfig, state: SimulatorState) -> None:
+        self._config = config
+        self._state = state
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one call and record how it went."""
+        call = self._state.begin_call(
+            request.headers.get("X-Request-Id"), _int_header(request.headers.get("X-Attempt"))
+        )
+        try:
+            return await self._answer(request, call)
+        except ChatRejectedError as exc:
+            call.status, call.outcome = exc.status, "rejected"
+            return error_response(exc.status, exc.message)
+        except asyncio.CancelledError:
+            call.outcome = "client_closed"
+            raise
+        finally:
+            call.ended_at = time.time()
+
+    async def _answer(self, request: web.Request, call: CallRecord) -> web.StreamResponse:
+        self._check_auth(request)
+        chat_request = validate_chat_request(await self._read_json(request))
+        call.note_request(chat_request)
+        try:
+            parsed = parse_input(chat_request.input)
+        except SpecError as exc:
+            raise ChatRejectedError(400, [f"simulator directive: {exc}"]) from None
+        faults = self._state.faults.arm(
+            parsed.faults,
+            call_key=request.headers.get("X-Request-Id") or parsed.raw_text,
+            assistant_id=chat_request.assistant_id,
+            input_text=parsed.raw_text,
+        )
+        call.fault = faults.kinds
+        if isinstance(faults.before_response, StatusFault):
+            call.status, call.outcome = faults.before_response.code, "fault"
+            return _status_fault_response(faults.before_response)
+        if isinstance(faults.before_response, ResetFault):
+            call.outcome = "reset"
+            return _reset_connection(request)
+        chat = self._new_chat(chat_request, parsed)
+        call.chat_id = chat.id
+        if chat_request.stream:
+            return await self._stream(request, call, chat, self._plan(chat, parsed, faults))
+        return await self._whole(request, call, chat, self._plan(chat, parsed, faults))
+
+    def _check_auth(self, request: web.Request) -> None:
+        if request.headers.get("Authorization") != f"Bearer {self._config.api_key}":
+            raise ChatRejectedError(401, "Invalid or missing API key (Authorization: Bearer)")
+
+    @staticmethod
+    async def _read_json(request: web.Request) -> object:
+        try:
+            return json.loads(await request.read())
+        except ValueError:
+            raise ChatRejectedError(400, ["request body is not valid JSON"]) from None
+
+    def _new_chat(self, chat_request: ChatRequest, parsed: ParsedInput) -> StoredChat:
+        context = self._state.resolve_context(chat_request)
+        tokens = parsed.pace.tokens
+        reply = compose_reply(
+            context.history,
+            parsed.user_text,
+            self._config.reply_tokens if tokens is None else tokens,
+        )
+        return self._state.new_chat(chat_request, context, list(parsed.messages), reply)
+
+    def _plan(self, chat: StoredChat, parsed: ParsedInput, faults: FaultPlan) -> StreamPlan:
+        pace, config = parsed.pace, self._config
+        return StreamPlan(
+            chat_id=chat.id,
+            session_id=chat.session_id,
+            tokens=split_tokens(str(chat.output[0]["content"])),
+            first_delay_s=config.first_token_latency_s if pace.first_s is None else pace.first_s,
+            delay_s=config.inter_token_delay_s if pace.delay_s is None else pace.delay_s,
+            faults=faults.in_stream,
+            done_marker=config.done_marker,
+            record_times=config.record_delta_times,
+        )
+
+    async def _stream(
+        self, request: web.Request, call: CallRecord, chat: StoredChat, plan: StreamPlan
+    ) -> web.StreamResponse:
+        def complete() -> None:
+            self._state.commit(chat)
+
+        return await ReplyStream(request, plan, call, self._state).send(complete)
+
+    async def _whole(
+        self, request: web.Request, call: CallRecord, chat: StoredChat, plan: StreamPlan
+    ) -> web.StreamResponse:
+        """Non-streaming: wait as long as generating would take, then send the ``Chat`` object.
+
+        Stream faults map onto a single body: ``stall`` adds its pause, ``disconnect`` closes
+        the connection without a response, ``malformed`` sends a truncated JSON body.
+        """
+        generation_s = plan.first_delay_s + plan.delay_s * max(len(plan.tokens) - 1, 0)
+        stalls = sum(f.seconds for f in plan.faults if isinstance(f, StallFault))
+        await asyncio.sleep(generation_s + stalls)
+        if any(isinstance(f, DisconnectFault) for f in plan.faults):
+            call.outcome = "disconnected"
+            return _close_connection(request)
+        call.status = 200
+        if any(isinstance(f, MalformedFault) for f in plan.faults):
+            call.outcome = "malformed"
+            return web.Response(body=b'{"id": "' + chat.id.encode(), content_type=_JSON)
+        self._state.commit(chat)
+        call.outcome = "completed"
+        return web.json_response(chat.to_json())

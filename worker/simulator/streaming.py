@@ -1,0 +1,110 @@
+"""Writing one reply as Vapi's SSE stream, paced, with the in-stream faults of the call.
+
+Why: timing is the point of a streaming test (first delta, gaps, stalls), so each event is written
+and drained on its own, right when it is due, and the stream's bookkeeping (deltas sent, streams in
+flight, delta timestamps) is updated where the bytes are written. A stream ends by closing the
+chunked body; ``disconnect`` instead drops the connection so the final chunk never arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from worker.simulator.events import DONE_EVENT, delta_event, malformed_event
+from worker.simulator.faults import DisconnectFault, InStreamFault, MalformedFault, StallFault
+from worker.simulator.state import CallRecord, SimulatorState
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What one stream will send, and when."""
+
+    chat_id: str
+    session_id: str | None
+    tokens: list[str]
+    first_delay_s: float
+    delay_s: float
+    faults: tuple[InStreamFault, ...] = ()
+    done_marker: bool = False
+    record_times: bool = False
+
+
+class ReplyStream:
+    """Sends one planned reply over one HTTP response."""
+
+    def __init__(
+        self, request: web.Request, plan: StreamPlan, call: CallRecord, state: SimulatorState
+    ) -> None:
+        self._request = request
+        self._plan = plan
+        self._call = call
+        self._state = state
+        self._response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+
+    async def send(self, on_complete: Callable[[], None]) -> web.StreamResponse:
+        """Stream the reply; ``on_complete`` runs once every delta is out, before the end."""
+        await self._response.prepare(self._request)
+        self._call.status = 200
+        self._state.stats.stream_opened()
+        try:
+            await self._send_all(on_complete)
+        except ConnectionError:
+            self._call.outcome = "client_closed"
+        finally:
+            self._state.stats.stream_closed()
+        return self._response
+
+    async def _send_all(self, on_complete: Callable[[], None]) -> None:
+        tokens = self._plan.tokens
+        for index, token in enumerate(tokens):
+            if await self._disturb(index):
+                return
+            await asyncio.sleep(self._plan.first_delay_s if index == 0 else self._plan.delay_s)
+            await self._send_delta(token)
+        if await self._disturb(len(tokens)):
+            return
+        on_complete()
+        if self._plan.done_marker:
+            await self._write(DONE_EVENT)
+        await self._response.write_eof()
+        self._call.outcome = "completed"
+
+    async def _send_delta(self, token: str) -> None:
+        plan = self._plan
+        if plan.record_times:
+            self._state.delta_times.setdefault(plan.chat_id, []).append(time.time())
+        await self._write(delta_event(plan.chat_id, token, plan.session_id))
+        self._call.deltas_sent += 1
+
+    async def _write(self, data: bytes) -> None:
+        await self._response.write(data)
+        await self._request.writer.drain()
+
+    async def _disturb(self, position: int) -> bool:
+        """Apply the faults due after ``position`` deltas; True when the connection was dropped."""
+        last = len(self._plan.tokens)
+        for fault in self._plan.faults:
+            if min(fault.after, last) != position:
+                continue
+            if isinstance(fault, StallFault):
+                await asyncio.sleep(fault.seconds)
+            elif isinstance(fault, MalformedFault):
+                await self._write(malformed_event(fault.line, self._plan.chat_id))
+            elif isinstance(fault, DisconnectFault):
+                self._drop_connection()
+                return True
+        return False
+
+    def _drop_connection(self) -> None:
+        """Close after flushing what was sent, without the chunked body's terminating chunk."""
+        self._call.outcome = "disconnected"
+        transport = self._request.transport
+        if transport is not None:
+            transport.close()
