@@ -1,0 +1,46 @@
+# Developer and CI entry points. `make help` lists the targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+VENV_STAMP := $(VENV)/.installed
+LOCAL_KAFKA := bash scripts/local-kafka.sh
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv kafka-jars kafka-up kafka-down lint test check demo bench
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(VENV_STAMP) ## create .venv (with PY=python3) and install the project with its dev extras (again when pyproject.toml changes)
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+kafka-jars: ## resolve the local Kafka broker's jars from Maven Central (once; cached in .cache/kafka)
+	$(LOCAL_KAFKA) jars
+
+kafka-up: kafka-jars ## start the local Kafka broker on 127.0.0.1 (LOCAL_KAFKA_PORT, default 9092)
+	$(LOCAL_KAFKA) up
+
+kafka-down: ## stop the local Kafka broker and remove its log dir
+	$(LOCAL_KAFKA) down
+
+lint: venv ## format check, lint and type check
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: venv kafka-jars ## run all tests (a broker is started for tests that need one; PYTEST_ARGS=... to narrow)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: lint test ## lint, then test: what CI runs
+
+demo: venv kafka-jars ## run the end-to-end demo (scripts/demo.py)
+	$(BIN)/python scripts/demo.py
+
+bench: venv kafka-jars ## run the benchmark (python -m bench with BENCH_ARGS=...)
+	$(BIN)/python -m bench $(BENCH_ARGS)
