@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+from asyncio.subprocess import PIPE, STDOUT
 from collections.abc import AsyncIterator
 
 import httpx
@@ -179,3 +183,26 @@ async def test_busy_port_fails_start_and_leaves_nothing_open(
         await clash.start()
     await clash.stop()
     assert clash.port == server.port
+
+
+async def test_metrics_output_passes_promtool(
+    client: httpx.AsyncClient, metrics: WorkerMetrics
+) -> None:
+    """``promtool check metrics`` finds no problem in what /metrics serves, with every kind used."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        hint = "apt-get install -y --no-install-recommends prometheus"
+        if os.environ.get("CI"):
+            pytest.fail(f"promtool is not installed; CI must install it ({hint})")
+        pytest.skip(f"promtool is not installed ({hint}); CI installs it")
+    metrics.count_vapi_response(200)
+    metrics.count_vapi_response(None)
+    metrics.set_consumer_lag(0, 12)
+    metrics.request_duration_seconds.observe(4.2)
+    metrics.delta_publish_seconds.observe(0.002)
+    body = (await client.get("/metrics")).content
+    proc = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(body), timeout=30)
+    assert proc.returncode == 0, output.decode()
