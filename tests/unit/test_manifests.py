@@ -148,7 +148,7 @@ def settings_env_names() -> set[str]:
 
 def parse_settings(env: dict[str, str]) -> Settings:
     """Settings built from environment-style names and string values."""
-    return Settings(**{name.lower(): value for name, value in env.items()})
+    return Settings.model_validate({name.lower(): value for name, value in env.items()})
 
 
 def exported_metric_names() -> set[str]:
