@@ -9,6 +9,7 @@ other assistant), then the reply, streamed or whole. Every call is recorded, how
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import struct
@@ -35,6 +36,8 @@ from worker.simulator.streaming import ReplyStream, StreamPlan
 from worker.simulator.validation import ChatRequest, validate_chat_request
 
 _JSON = "application/json"
+#: Vapi (Node) sends compact JSON with UTF-8 text; so does the simulator.
+_dumps = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False)
 
 
 def error_response(
@@ -46,7 +49,7 @@ def error_response(
     except ValueError:
         phrase = "Error"
     body = {"message": message, "error": phrase, "statusCode": status}
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
 
 
 def _status_fault_response(fault: StatusFault) -> web.Response:
@@ -196,4 +199,4 @@ class ChatHandler:
             return web.Response(body=b'{"id": "' + chat.id.encode(), content_type=_JSON)
         self._state.commit(chat)
         call.outcome = "completed"
-        return web.json_response(chat.to_json())
+        return web.json_response(chat.to_json(), dumps=_dumps)

@@ -6,7 +6,8 @@ the directive is removed before the simulator computes the reply, so it never sh
 
 Syntax (anywhere in the input, any number of times; words may be shell-quoted)::
 
-    [[sim:pace tokens=N delay_ms=D first_ms=F]]     reply length in tokens, gap between deltas,
+    [[sim:pace tokens=N delay_ms=D first_ms=F]]     generic reply length in tokens (the fixed
+                                                    name replies ignore it), gap between deltas,
                                                     delay before the first delta (all optional)
     [[sim:fault KIND key=value ... times=K]]        see ``worker.simulator.faults`` for the kinds
 
