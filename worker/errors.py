@@ -1,16 +1,16 @@
 """The worker's exceptions, one tree, each class saying whether a retry may help.
 
     WorkerError
-    ├── InvalidRequestError          a record on chat.requests cannot be read (goes to the DLQ)
-    ├── ConfigError                  settings that cannot work together (exit with a message)
-    └── VapiError                    anything that went wrong talking to Vapi
-        ├── VapiConnectError         could not connect / connection reset before a response   retryable
-        ├── VapiTimeoutError         connect, first delta, stall between deltas, whole request  retryable
-        ├── VapiStreamBrokenError    the stream ended abnormally after it started             retryable
-        ├── VapiProtocolError        the server spoke something that is not Vapi's SSE         not retryable
-        └── VapiStatusError          a non-2xx status; ``retryable`` by status (429, 5xx)
-            ├── VapiAuthError        401/403: the key is wrong; the worker reports itself unready
-            └── VapiRateLimitedError 429, with the server's Retry-After in seconds when given
+    ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
+    ├── ConfigError                settings that cannot work together (exit with a message)
+    └── VapiError                  anything that went wrong talking to Vapi
+        ├── VapiConnectError       no connection, or reset before a response       retryable
+        ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
+        ├── VapiStreamBrokenError  the stream ended abnormally after it started    retryable
+        ├── VapiProtocolError      not Vapi's SSE (content type, undecodable)      not retryable
+        └── VapiStatusError        a non-2xx status; retryable for 429 and 5xx
+            ├── VapiAuthError        401/403: bad key; the worker reports itself unready
+            └── VapiRateLimitedError 429, with the server's Retry-After in seconds if given
 
 Lower-level exceptions (httpx, json) are mapped to these at one boundary, ``worker.vapi.client``,
 with ``raise ... from exc``, so nothing above it imports httpx.

@@ -1,0 +1,332 @@
+"""Real processes for end-to-end tests: the simulator, worker processes, a producer, a consumer.
+
+Everything here talks to the real broker and real HTTP; nothing is mocked. Each test gets its own
+topics and consumer group (``Topics.unique``) so tests never see each other's records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[2]
+SIM_KEY = "sim-test-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names of one test's topics and consumer group."""
+
+    requests: str
+    deltas: str
+    responses: str
+    dlq: str
+    app_id: str
+
+    @classmethod
+    def unique(cls, suffix: str) -> Topics:
+        return cls(
+            requests=f"req-{suffix}",
+            deltas=f"delta-{suffix}",
+            responses=f"resp-{suffix}",
+            dlq=f"dlq-{suffix}",
+            app_id=f"app-{suffix}",
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "TOPIC_REQUESTS": self.requests,
+            "TOPIC_DELTAS": self.deltas,
+            "TOPIC_RESPONSES": self.responses,
+            "TOPIC_DLQ": self.dlq,
+            "WORKER_APP_ID": self.app_id,
+        }
+
+
+class SimulatorProcess:
+    """``vapi-worker simulator`` in its own process, as a real Vapi stand-in."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> SimulatorProcess:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "simulator",
+                "--port",
+                str(self.port),
+                "--api-key",
+                SIM_KEY,
+                *self._args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"simulator exited with {self.proc.returncode}")
+            time.sleep(0.1)
+        raise RuntimeError("simulator did not answer /healthz within 20 s")
+
+    def calls(self) -> list[dict[str, Any]]:
+        calls: list[dict[str, Any]] = httpx.get(f"{self.base_url}/_sim/calls", timeout=10).json()
+        return calls
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = httpx.get(f"{self.base_url}/_sim/stats", timeout=10).json()
+        return stats
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class WorkerProcess:
+    """``vapi-worker run`` in its own process; its log goes to a file the test can print."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Topics,
+        simulator: SimulatorProcess,
+        log_dir: Path,
+        name: str = "worker",
+        **overrides: str,
+    ) -> None:
+        self.http_port = free_port()
+        self.log_path = log_dir / f"{name}-{self.http_port}.log"
+        self.env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "VAPI_BASE_URL": simulator.base_url,
+            "VAPI_API_KEY": SIM_KEY,
+            "VAPI_ASSISTANT_ID": "sim-assistant",
+            "TOPIC_PARTITIONS": "4",
+            "WORKER_HTTP_PORT": str(self.http_port),
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            "RETRY_BASE_DELAY_S": "0.05",
+            "RETRY_MAX_DELAY_S": "0.5",
+            **topics.env(),
+            **overrides,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        """Wait for /readyz to say the worker is up, assigned and recovered."""
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.http_port}/readyz"
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready within {timeout_s} s:\n{self.log_tail()}")
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5).text
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+async def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
+    """Produce records in the given order (one producer: per-partition order is kept)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, value, key=key, headers=headers) for key, value in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def request_record(
+    conversation: str, request_id: str, text: str, **extra: Any
+) -> tuple[bytes, bytes]:
+    body = {"request_id": request_id, "conversation_id": conversation, "input": text, **extra}
+    return conversation.encode(), json.dumps(body).encode()
+
+
+@dataclass
+class Outputs:
+    """Everything the worker published, as a downstream consumer reads it."""
+
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    dlq: list[Any] = field(default_factory=list)
+    delta_partitions: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+
+    def responses_by_request(self) -> dict[str, list[dict[str, Any]]]:
+        found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for response in self.responses:
+            found[response["request_id"]].append(response)
+        return found
+
+    def deltas_of(self, request_id: str, attempt: int | None = None) -> list[dict[str, Any]]:
+        return [
+            d
+            for d in self.deltas
+            if d["request_id"] == request_id and (attempt is None or d["attempt"] == attempt)
+        ]
+
+
+class OutputReader:
+    """Consumes the output topics from the beginning into ``Outputs`` in the background."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.outputs = Outputs()
+        self.records: list[Any] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> OutputReader:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await self._consumer.start()
+        names = [self.topics.deltas, self.topics.responses, self.topics.dlq]
+        partitions: list[TopicPartition] = []
+        for name in names:
+            for _ in range(100):
+                found = self._consumer.partitions_for_topic(name)
+                if found:
+                    break
+                await self._consumer._client.force_metadata_update()
+                await asyncio.sleep(0.2)
+            assert found, f"topic {name} does not exist"
+            partitions += [TopicPartition(name, p) for p in found]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            for tp, records in batch.items():
+                for record in records:
+                    self.records.append(record)
+                    if tp.topic == self.topics.deltas:
+                        value = json.loads(record.value)
+                        self.outputs.deltas.append(value)
+                        self.outputs.delta_partitions[value["conversation_id"]].add(tp.partition)
+                    elif tp.topic == self.topics.responses:
+                        self.outputs.responses.append(json.loads(record.value))
+                    else:
+                        self.outputs.dlq.append(record)
+
+    async def wait_for(self, condition: Any, timeout_s: float = 60, what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition(self.outputs):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out after {timeout_s} s waiting for {what}: "
+                    f"{len(self.outputs.responses)} responses, {len(self.outputs.dlq)} dlq"
+                )
+            await asyncio.sleep(0.1)
+
+    async def wait_for_responses(self, request_ids: Iterable[str], timeout_s: float = 60) -> None:
+        wanted = set(request_ids)
+        await self.wait_for(
+            lambda out: wanted <= {r["request_id"] for r in out.responses},
+            timeout_s,
+            what=f"responses to {sorted(wanted)}",
+        )
+
+
+def chains_by_conversation(calls: list[dict[str, Any]]) -> Mapping[str, list[dict[str, Any]]]:
+    """Group successful simulator calls by the conversation prefix of their request id."""
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in calls:
+        if call.get("outcome") == "completed" and call.get("request_id"):
+            grouped[call["request_id"].rsplit("-", 1)[0]].append(call)
+    return grouped

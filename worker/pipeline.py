@@ -1,0 +1,362 @@
+"""Handle one chat request: call Vapi, publish every delta in order, publish one final response.
+
+The handler knows nothing of Faust or httpx: its collaborators (the Vapi stream, the publisher,
+the retry policy, the clocks, the metrics) are passed in, so tests can hand it the real simulator
+client and a real Kafka publisher, or fakes. ``app.py`` decides *when* a request runs (ordering,
+duplicates, state); this module decides *what* running it means (design.md sections 1 and 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
+from worker.messages import ChatDelta, ChatRequest, ChatResponse, ErrorInfo, Timings
+from worker.metrics import WorkerMetrics
+from worker.retry import RetryPolicy, SharedBackoff
+from worker.state import ConversationState
+from worker.vapi.events import StreamDelta
+
+log = structlog.get_logger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+class ChatStreamer(Protocol):
+    """What the handler needs of a Vapi client (``worker.vapi.client.VapiClient``)."""
+
+    def stream_chat(
+        self, body: dict[str, object], *, request_id: str, attempt: int
+    ) -> AsyncIterator[StreamDelta]: ...
+
+
+class OutputPublisher(Protocol):
+    """Where deltas and responses go (``app.KafkaPublisher``)."""
+
+    async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
+        """Hand the delta to the producer; the returned awaitable resolves on the broker's ack."""
+        ...
+
+    async def send_response(self, response: ChatResponse, headers: Headers) -> None:
+        """Publish the final response and wait for the broker's ack."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSettings:
+    """The part of ``Settings`` the handler reads."""
+
+    default_assistant_id: str
+    context_mode: str = "previous_chat_id"
+    request_deadline_s: float = 300.0
+    coalesce_ms: int = 0
+    coalesce_chars: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request ended with; ``app.py`` stores ``chat_id`` and ``session_id``."""
+
+    response: ChatResponse
+    chat_id: str | None
+    session_id: str | None
+
+
+@dataclass(slots=True)
+class _Run:
+    """Mutable bookkeeping of one request across its attempts."""
+
+    request: ChatRequest
+    started: float
+    queued_ms: float
+    previous_chat_id: str | None
+    session_id: str | None
+    context_reset: bool
+    attempts: int = 0
+    delta_count: int = 0
+    first_delta_at: float | None = None
+    stale_context_retried: bool = False
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What one attempt produced."""
+
+    chat_id: str | None = None
+    session_id: str | None = None
+    parts: list[str] = field(default_factory=list)
+    acks: list[Awaitable[object]] = field(default_factory=list)
+    seq: int = 0
+
+
+class RequestHandler:
+    """Runs requests against Vapi and publishes their outputs."""
+
+    def __init__(
+        self,
+        client: ChatStreamer,
+        publisher: OutputPublisher,
+        policy: RetryPolicy,
+        backoff: SharedBackoff,
+        metrics: WorkerMetrics,
+        settings: HandlerSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._publisher = publisher
+        self._policy = policy
+        self._backoff = backoff
+        self._metrics = metrics
+        self._settings = settings
+        self._clock = clock
+        self._wall = wall_clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        #: False after Vapi refused the key (401/403), until a call succeeds again: /readyz
+        #: reports the worker unready so operators see it, without a retry storm.
+        self.auth_ok = True
+
+    async def handle(
+        self,
+        request: ChatRequest,
+        state: ConversationState,
+        *,
+        queued_at: float,
+        trace_headers: Headers = (),
+    ) -> Outcome:
+        """Run ``request`` to its one final response (completed or failed) and publish it."""
+        now = self._clock()
+        previous = None if request.reset_context else state.chat_id
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=previous,
+            session_id=None if request.reset_context else state.session_id,
+            context_reset=request.reset_context and state.chat_id is not None,
+        )
+        self._metrics.queue_wait_seconds.observe(now - queued_at)
+        outcome = await self._run_attempts(run, trace_headers)
+        await self._publisher.send_response(outcome.response, trace_headers)
+        self._record_outcome(run, outcome.response)
+        return outcome
+
+    async def _run_attempts(self, run: _Run, headers: Headers) -> Outcome:
+        deadline = run.started + self._settings.request_deadline_s
+        while True:
+            run.attempts += 1
+            structlog.contextvars.bind_contextvars(attempt=run.attempts)
+            await self._wait_for_shared_backoff()
+            try:
+                attempt = await self._stream_once(run, headers)
+            except VapiError as err:
+                self._metrics.vapi_responses_total.labels(
+                    status=str(err.http_status or "error")
+                ).inc()
+                if isinstance(err, VapiAuthError):
+                    self._set_auth(ok=False)
+                delay = self._retry_delay(run, err)
+                if delay is None or self._clock() + delay > deadline:
+                    log.warning("request failed", error=err.code, message=str(err))
+                    return self._failed(run, err)
+                log.info("retrying", error=err.code, delay_s=round(delay, 3))
+                await self._sleep(delay)
+                continue
+            self._metrics.vapi_responses_total.labels(status="200").inc()
+            self._set_auth(ok=True)
+            return self._completed(run, attempt)
+
+    def _set_auth(self, *, ok: bool) -> None:
+        if ok != self.auth_ok:
+            self.auth_ok = ok
+            self._metrics.vapi_ready.set(1 if ok else 0)
+            if not ok:
+                log.error("Vapi refused the API key; requests fail until it is fixed")
+
+    def _retry_delay(self, run: _Run, err: VapiError) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if self._is_stale_context(run, err):
+            # The chat (or session) the conversation pointed at is gone on Vapi's side: go on
+            # without it, once, and say so in the response.
+            run.stale_context_retried = True
+            run.previous_chat_id = None
+            run.session_id = None
+            run.context_reset = True
+            self._metrics.retries_total.labels(reason="context_reset").inc()
+            return 0.0
+        if isinstance(err, VapiRateLimitedError) and err.retry_after_s:
+            self._backoff.pause_until(self._clock() + err.retry_after_s)
+        delay = self._policy.delay_for(run.attempts, err, self._rng)
+        if delay is not None:
+            self._metrics.retries_total.labels(reason=_retry_reason(err)).inc()
+        return delay
+
+    @staticmethod
+    def _is_stale_context(run: _Run, err: VapiError) -> bool:
+        has_context = run.previous_chat_id is not None or run.session_id is not None
+        return (
+            has_context
+            and not run.stale_context_retried
+            and isinstance(err, VapiStatusError)
+            and err.http_status in (400, 404)
+        )
+
+    async def _wait_for_shared_backoff(self) -> None:
+        # A burst of 429s pauses every stream of this worker, not just the one that got it.
+        remaining = self._backoff.remaining(self._clock())
+        if remaining > 0:
+            await self._sleep(remaining)
+
+    def _body(self, run: _Run) -> dict[str, object]:
+        request = run.request
+        body: dict[str, object] = {
+            "assistantId": request.assistant_id or self._settings.default_assistant_id,
+            "input": _input_for_vapi(request),
+            "stream": True,
+        }
+        if request.assistant_overrides:
+            body["assistantOverrides"] = request.assistant_overrides
+        if self._settings.context_mode == "session_id":
+            if run.session_id:
+                body["sessionId"] = run.session_id
+        elif run.previous_chat_id:
+            body["previousChatId"] = run.previous_chat_id
+        return body
+
+    async def _stream_once(self, run: _Run, headers: Headers) -> _Attempt:
+        request = run.request
+        attempt = _Attempt()
+        stream = self._client.stream_chat(
+            self._body(run), request_id=request.request_id, attempt=run.attempts
+        )
+        async for event in stream:
+            if run.first_delta_at is None:
+                run.first_delta_at = self._clock()
+            attempt.chat_id = event.chat_id
+            attempt.session_id = event.session_id or attempt.session_id
+            await self._publish(run, attempt, event.delta, headers)
+        # The final response may only follow once every delta of this attempt is on the broker.
+        await asyncio.gather(*attempt.acks)
+        return attempt
+
+    async def _publish(self, run: _Run, attempt: _Attempt, text: str, headers: Headers) -> None:
+        request = run.request
+        delta = ChatDelta(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            chat_id=attempt.chat_id or "",
+            attempt=run.attempts,
+            seq=attempt.seq,
+            delta=text,
+            ts=self._wall(),
+        )
+        received = self._clock()
+        ack = await self._publisher.send_delta(delta, headers)
+        if isinstance(ack, asyncio.Future):
+            ack.add_done_callback(
+                lambda _f: self._metrics.delta_publish_seconds.observe(self._clock() - received)
+            )
+        attempt.acks.append(ack)
+        attempt.parts.append(text)
+        attempt.seq += 1
+        run.delta_count += 1
+        self._metrics.deltas_total.inc()
+
+    def _timings(self, run: _Run) -> Timings:
+        first = run.first_delta_at
+        return Timings(
+            queued_ms=round(run.queued_ms, 3),
+            first_delta_ms=None if first is None else round((first - run.started) * 1000, 3),
+            total_ms=round((self._clock() - run.started) * 1000, 3),
+        )
+
+    def _completed(self, run: _Run, attempt: _Attempt) -> Outcome:
+        request = run.request
+        response = ChatResponse(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            chat_id=attempt.chat_id,
+            previous_chat_id=run.previous_chat_id,
+            status="completed",
+            text="".join(attempt.parts),
+            delta_count=attempt.seq,
+            attempts=run.attempts,
+            context_reset=run.context_reset,
+            error=None,
+            timings=self._timings(run),
+            metadata=request.metadata,
+        )
+        return Outcome(response, attempt.chat_id, attempt.session_id)
+
+    def _failed(self, run: _Run, err: VapiError) -> Outcome:
+        request = run.request
+        response = ChatResponse(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            chat_id=None,
+            previous_chat_id=run.previous_chat_id,
+            status="failed",
+            text="",
+            delta_count=0,
+            attempts=run.attempts,
+            context_reset=run.context_reset,
+            error=ErrorInfo(
+                code=err.code,
+                message=str(err),
+                retryable=err.retryable,
+                http_status=err.http_status,
+            ),
+            timings=self._timings(run),
+            metadata=request.metadata,
+        )
+        return Outcome(response, None, None)
+
+    def _record_outcome(self, run: _Run, response: ChatResponse) -> None:
+        self._metrics.requests_total.labels(outcome=response.status).inc()
+        self._metrics.request_duration_seconds.observe(self._clock() - run.started)
+        if run.first_delta_at is not None:
+            self._metrics.time_to_first_delta_seconds.observe(run.first_delta_at - run.started)
+        log.info(
+            "request finished",
+            outcome=response.status,
+            attempts=run.attempts,
+            deltas=run.delta_count,
+            context_reset=run.context_reset,
+            queued_ms=response.timings.queued_ms,
+            first_delta_ms=response.timings.first_delta_ms,
+            total_ms=response.timings.total_ms,
+        )
+
+
+def _input_for_vapi(request: ChatRequest) -> object:
+    """The request's input as Vapi's ``input``: a string, or a list of ``{role, content}``."""
+    if isinstance(request.input, str):
+        return request.input
+    return [message.model_dump() for message in request.input]
+
+
+def _retry_reason(err: VapiError) -> str:
+    """A bounded label value for ``chat_worker_retries_total``."""
+    code = err.code
+    if code == "vapi_rate_limited":
+        return "rate_limited"
+    if code == "vapi_http_error":
+        return "server_error"
+    if code == "vapi_connect_error":
+        return "connect"
+    if code == "vapi_timeout":
+        return "timeout"
+    if code == "vapi_stream_broken":
+        return "stream_broken"
+    return "other"

@@ -1,0 +1,104 @@
+"""Start the worker process: topics, the embedded simulator if asked for, ops server, Faust."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from typing import Any, cast
+
+import faust
+import structlog
+from prometheus_client import CollectorRegistry
+
+from worker.app import Worker, build_worker
+from worker.config import Settings
+from worker.errors import ConfigError
+from worker.logs import register_secret
+from worker.metrics import WorkerMetrics
+from worker.ops_http import OpsServer
+from worker.simulator.server import SimulatorConfig, serve_simulator
+from worker.topics import ensure_topics
+
+log = structlog.get_logger(__name__)
+
+
+def start_embedded_simulator(settings: Settings) -> str:
+    """Serve the Vapi simulator on a free loopback port in a daemon thread; return its URL.
+
+    It has its own event loop so that the worker's loop and its timeouts behave exactly as they
+    would against the real API.
+    """
+    ready = threading.Event()
+    found: dict[str, str] = {}
+    config = SimulatorConfig(
+        api_key=settings.simulator_api_key.get_secret_value(),
+        first_token_latency_s=settings.simulator_first_token_latency_s,
+        inter_token_delay_s=settings.simulator_inter_token_delay_s,
+    )
+
+    async def serve() -> None:
+        async with serve_simulator(config, port=0) as simulator:
+            found["url"] = simulator.base_url
+            ready.set()
+            await asyncio.Event().wait()
+
+    threading.Thread(
+        target=lambda: asyncio.run(serve()), name="vapi-simulator", daemon=True
+    ).start()
+    if not ready.wait(15):
+        raise ConfigError("the embedded Vapi simulator did not start within 15 s")
+    return found["url"]
+
+
+def vapi_endpoint(settings: Settings) -> tuple[str, str]:
+    """The Vapi base URL and key to use: the real API, a given URL, or the embedded simulator."""
+    if settings.uses_embedded_simulator:
+        url = start_embedded_simulator(settings)
+        log.info("using the embedded Vapi simulator", url=url)
+        return url, settings.simulator_api_key.get_secret_value()
+    if settings.vapi_api_key is None:
+        raise ConfigError("VAPI_BASE_URL is set but VAPI_API_KEY (or VAPI_API_KEY_FILE) is not")
+    return settings.effective_vapi_base_url(), settings.vapi_api_key.get_secret_value()
+
+
+def readiness(worker: Worker) -> Mapping[str, bool]:
+    """What /readyz reports: assigned (no rebalance under way), table recovered, Vapi key good."""
+    app = worker.app
+    recovery = cast(Any, app.tables).recovery
+    return {
+        "started": bool(app.started),
+        "assigned": not app.rebalancing,
+        "recovered": recovery.completed.is_set(),
+        "vapi_auth": worker.vapi_auth_ok(),
+    }
+
+
+def run_worker(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code (Faust exits the process)."""
+    base_url, api_key = vapi_endpoint(settings)
+    register_secret(api_key)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    worker = build_worker(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
+    ops = OpsServer(registry, lambda: readiness(worker), port=settings.worker_http_port)
+
+    @worker.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
+    async def serve_ops() -> None:
+        await ops.start()
+        log.info("ops endpoints up", port=ops.port, paths=["/metrics", "/healthz", "/readyz"])
+
+    faust_worker = faust.Worker(
+        worker.app,
+        loop=loop,
+        loglevel=settings.log_level,
+        quiet=True,
+        override_logging=False,
+        redirect_stdouts=False,
+    )
+    faust_worker.execute_from_commandline()
+    return 0  # not reached: Faust exits the process
