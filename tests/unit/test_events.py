@@ -20,8 +20,8 @@ from worker.vapi.sse import ServerSentEvent
 pytestmark = pytest.mark.unit
 
 
-def _event(data: str, **fields: str) -> ServerSentEvent:
-    return ServerSentEvent(data=data, **fields)
+def _event(data: str, *, event: str | None = None, id: str | None = None) -> ServerSentEvent:
+    return ServerSentEvent(event=event, data=data, id=id)
 
 
 def _json(**document: object) -> ServerSentEvent:

@@ -297,16 +297,20 @@ def test_unknown_fields_are_accepted_by_both() -> None:
 def test_decode_request_agrees_with_the_request_schema() -> None:
     """decode_request accepts the valid request samples and refuses the invalid ones."""
     validator = _validator("chat.request.v1")
-    limits = {"max_input_chars": 10_000, "max_metadata_bytes": 10_000}
     for message in REQUESTS:
-        decode_request(message.encode(), None, **limits)
+        decode_request(message.encode(), None, max_input_chars=10_000, max_metadata_bytes=10_000)
     for name, document, field, value in INVALID:
         if name != "chat.request.v1":
             continue
         changed = _changed(document, field, value)
         assert not validator.is_valid(changed)
         with pytest.raises(InvalidRequestError):
-            decode_request(json.dumps(changed).encode(), None, **limits)
+            decode_request(
+                json.dumps(changed).encode(),
+                None,
+                max_input_chars=10_000,
+                max_metadata_bytes=10_000,
+            )
 
 
 # --- property-based: random edits are judged alike -------------------------------------------
