@@ -84,10 +84,18 @@ def main() -> int:
         env.update(
             WORKER_APP_ID=env.get("WORKER_APP_ID", f"demo-{uuid.uuid4().hex[:6]}"),
             WORKER_HTTP_PORT=str(http_port),
-            LOG_LEVEL="WARNING",
+            LOG_FORMAT="json",
         )
-        say("starting one worker (vapi-worker run)")
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env)
+        log_path = ROOT / ".run" / "demo-worker.log"
+        log_path.parent.mkdir(exist_ok=True)
+        say(f"starting one worker (vapi-worker run); its log: {log_path.relative_to(ROOT)}")
+        worker_log = log_path.open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env=env,
+            stdout=worker_log,
+            stderr=subprocess.STDOUT,
+        )
         started.append(worker)
         wait_http(f"http://127.0.0.1:{http_port}/readyz", 90, worker)
         os.environ.update(env)

@@ -118,6 +118,10 @@ class Job:
     trace_headers: Headers = ()
     go: asyncio.Event = field(default_factory=asyncio.Event)
     ticket: Ticket[Job] | None = None
+    task: asyncio.Task[None] | None = None
+    #: Set once Vapi's part is done and the final response is being published and recorded:
+    #: a release waits for this short step instead of cancelling it half-way.
+    finishing: bool = False
 
     def start(self, ticket: Ticket[Job]) -> None:
         self.ticket = ticket
@@ -145,25 +149,27 @@ class Dispatcher:
         self.scheduler: KeyOrderedScheduler[Job] = KeyOrderedScheduler(
             settings.worker_max_in_flight, settings.worker_max_buffered
         )
-        self._events: dict[tuple[Any, int], Any] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs: dict[tuple[Any, int], Job] = {}
         self._capacity = asyncio.Event()
+        self._releasing = False
         self._stream: Any = None
+        self._consumer: Any = None
 
     async def take(self, stream: Any, event: Any) -> None:
         """Accept one record from the agent loop; waits while the buffer is full (backpressure)."""
         self._stream = stream
-        while not self.scheduler.has_capacity:
+        while not self.scheduler.has_capacity and not self._releasing:
             self._capacity.clear()
             await self._capacity.wait()
         message = event.message
+        if self._releasing:
+            self._forget_message(message)  # redelivered to whoever owns the partition next
+            return
         job = self._decode(event)
-        self._events[(message.tp, message.offset)] = event
+        self._jobs[(message.tp, message.offset)] = job
         # Created here, inside the agent loop: the task's context holds this event as Faust's
         # current event, which routes the request's table write to its own partition.
-        task = asyncio.create_task(self._run(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        job.task = asyncio.create_task(self._run(job))
         key = job.request.conversation_id if job.request is not None else None
         for ticket in self.scheduler.submit(message.tp, message.offset, key, job):
             ticket.item.start(ticket)
@@ -195,6 +201,8 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         await job.go.wait()
+        if self._releasing:
+            return  # started while this worker lets go of its partitions: leave it for the next
         structlog.contextvars.clear_contextvars()
         try:
             if job.request is None:
@@ -204,7 +212,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Kafka refused an output or a bug: this record is not acked, so it is not lost;
+            # Kafka refused an output, or a bug: the record is not acked, so it is not lost;
             # the worker stops and its partitions go to a healthy replica.
             log.exception("request crashed the worker")
             await self._on_crash(exc)
@@ -216,7 +224,7 @@ class Dispatcher:
         message = job.event.message
         await self._publisher.send_dead_letter(job.event, job.invalid)
         self._metrics.requests_total.labels(outcome="invalid").inc()
-        self._metrics.dlq_total.labels(reason=job.invalid.reason).inc()
+        self._metrics.count_dead_letter(job.invalid.reason)
         log.warning(
             "record sent to the dead-letter topic",
             reason=job.invalid.reason,
@@ -241,6 +249,8 @@ class Dispatcher:
             )
         finally:
             self._metrics.in_flight.dec()
+        job.finishing = True
+        await self._handler.publish(outcome, job.trace_headers)
         new_state = state.after_request(
             request.request_id,
             outcome.chat_id,
@@ -255,20 +265,93 @@ class Dispatcher:
         for ticket in completion.start:
             ticket.item.start(ticket)
         for tp, offset in completion.ack:
-            event = self._events.pop((tp, offset))
-            await self._stream.ack(event)
+            done = self._jobs.pop((tp, offset))
+            await self._stream.ack(done.event)
         self._metrics.buffered.set(self.scheduler.buffered)
         self._capacity.set()
 
-    def revoke(self, partitions: set[Any]) -> None:
-        """Forget the records of revoked partitions; cancel their running requests."""
-        # With stream_wait_empty Faust drains before it revokes, so normally nothing is left;
-        # whatever is must not be acked later against a partition this worker lost.
-        for ticket in self.scheduler.revoke(partitions):
-            log.warning("request of a revoked partition still running", offset=ticket.offset)
-        for key in [k for k in self._events if k[0] in partitions]:
-            del self._events[key]
+    async def release(self, consumer: Any, grace_s: float) -> None:
+        """Let go of every taken record before Faust's drain: on shutdown and on rebalance.
+
+        Requests that have not started are dropped at once; running ones get ``grace_s`` to
+        finish (and are acked as usual), then are cancelled, which closes their HTTP streams.
+        Nothing unfinished is acked, so nothing unfinished is committed: the partition's next
+        owner (this worker again, after a rebalance) gets those records from the committed
+        offset. Faust's drain waits for every taken, unacked record (``stream_wait_empty``);
+        dropping our hold on them is what lets it end within the grace period.
+        """
+        self._releasing = True
+        self._consumer = consumer
         self._capacity.set()
+        try:
+            await self._let_running_finish(grace_s)
+            for job in list(self._jobs.values()):
+                if job.task is not None and not job.task.done():
+                    job.task.cancel()
+            tasks = [job.task for job in self._jobs.values() if job.task is not None]
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.scheduler.revoke({tp for tp, _ in self._jobs})
+            for job in self._jobs.values():
+                self._forget_message(job.event.message)
+            if self._jobs:
+                log.info("released unfinished records for redelivery", records=len(self._jobs))
+            self._jobs.clear()
+            self._metrics.buffered.set(self.scheduler.buffered)
+        finally:
+            self._releasing = False
+
+    async def _let_running_finish(self, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while True:
+            running = [
+                job.task
+                for job in self._jobs.values()
+                if job.task is not None
+                and not job.task.done()
+                and job.go.is_set()
+                and (job.finishing or time.monotonic() < deadline)
+            ]
+            if not running:
+                return
+            timeout = max(0.05, deadline - time.monotonic())
+            await asyncio.wait(running, timeout=timeout)
+
+    async def report_lag(self, consumer: Any) -> None:
+        """Set ``chat_worker_consumer_lag``: records of each partition not yet finished."""
+        for tp in consumer.assignment():
+            if tp.topic != self._settings.topic_requests:
+                continue
+            highwater = consumer.highwater(tp)
+            pending = self.scheduler.pending_offsets(tp)
+            position = pending if pending is not None else await consumer.position(tp)
+            if highwater is None or highwater < 0 or position is None:
+                continue
+            self._metrics.set_consumer_lag(tp.partition, highwater - position)
+
+    def _forget_message(self, message: Any) -> None:
+        # Faust's drain loops while a taken message is unacked and still referenced. Removing it
+        # from that set (without acking) ends the wait and leaves its offset uncommitted.
+        if self._consumer is not None:
+            self._consumer._unacked_messages.discard(message)
+
+
+class WorkerApp(faust.App):
+    """faust.App with one hook: release the dispatcher's records before Faust drains them.
+
+    Faust calls ``_consumer_wait_empty`` on shutdown and on every partition revocation, after it
+    has stopped fetching and before it waits for unacked records and commits. It is a private
+    method of the pinned faust-streaming version; the e2e shutdown and rebalance tests cover it.
+    """
+
+    dispatcher: Dispatcher | None = None
+    shutdown_grace_s: float = 25.0
+    rebalance_grace_s: float = 3.0
+
+    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        if self.dispatcher is not None:
+            grace = self.shutdown_grace_s if self.should_stop else self.rebalance_grace_s
+            await self.dispatcher.release(consumer, grace)
+        await super()._consumer_wait_empty(consumer, logger)
 
 
 @dataclass
@@ -294,7 +377,7 @@ def build_worker(
     vapi_api_key: str,
 ) -> Worker:
     """Create the Faust app and wire the request path (no I/O happens here)."""
-    app = faust.App(
+    app = WorkerApp(
         settings.worker_app_id,
         broker=[f"kafka://{server}" for server in settings.kafka_bootstrap_servers.split(",")],
         processing_guarantee="at_least_once",
@@ -339,6 +422,7 @@ def build_worker(
             request_s=settings.vapi_request_timeout_s,
         ),
         max_connections=settings.vapi_max_connections,
+        on_malformed=lambda _reason: metrics.malformed_events_total.inc(),
     )
     publisher = KafkaPublisher(app, settings)
     handler = RequestHandler(
@@ -366,11 +450,13 @@ def build_worker(
     dispatcher = Dispatcher(
         settings, handler, ConversationStore(table), publisher, metrics, on_crash=crash
     )
+    app.dispatcher = dispatcher
+    app.shutdown_grace_s = settings.worker_shutdown_grace_s
+    app.rebalance_grace_s = settings.worker_rebalance_grace_s
 
-    async def on_revoked(_app: faust.App, revoked: set[Any], **_: Any) -> None:
-        dispatcher.revoke(revoked)
-
-    cast(Any, app.on_partitions_revoked).connect(on_revoked)
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
+    async def report_lag() -> None:
+        await dispatcher.report_lag(app.consumer)
 
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:

@@ -135,7 +135,11 @@ class RequestHandler:
         queued_at: float,
         trace_headers: Headers = (),
     ) -> Outcome:
-        """Run ``request`` to its one final response (completed or failed) and publish it."""
+        """Run ``request`` to its final response (completed or failed), deltas published.
+
+        The response itself is published by ``publish`` once the caller is ready to record it:
+        the two steps are split so that the caller can keep cancellation away from the second.
+        """
         now = self._clock()
         previous = None if request.reset_context else state.chat_id
         run = _Run(
@@ -148,9 +152,12 @@ class RequestHandler:
         )
         self._metrics.queue_wait_seconds.observe(now - queued_at)
         outcome = await self._run_attempts(run, trace_headers)
-        await self._publisher.send_response(outcome.response, trace_headers)
         self._record_outcome(run, outcome.response)
         return outcome
+
+    async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
+        """Publish the one final response and wait for the broker's ack."""
+        await self._publisher.send_response(outcome.response, trace_headers)
 
     async def _run_attempts(self, run: _Run, headers: Headers) -> Outcome:
         deadline = run.started + self._settings.request_deadline_s
