@@ -9,6 +9,7 @@ duplicates, state); this module decides *what* running it means (design.md secti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import structlog
 
+from worker.coalescing import DeltaCoalescer
 from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
 from worker.messages import ChatDelta, ChatRequest, ChatResponse, ErrorInfo, Timings
 from worker.metrics import WorkerMetrics
@@ -247,15 +249,58 @@ class RequestHandler:
         stream = self._client.stream_chat(
             self._body(run), request_id=request.request_id, attempt=run.attempts
         )
-        async for event in stream:
-            if run.first_delta_at is None:
-                run.first_delta_at = self._clock()
-            attempt.chat_id = event.chat_id
-            attempt.session_id = event.session_id or attempt.session_id
-            await self._publish(run, attempt, event.delta, headers)
+        if self._settings.coalesce_ms > 0 or self._settings.coalesce_chars > 0:
+            await self._stream_coalesced(run, attempt, stream, headers)
+        else:
+            async for event in stream:
+                self._note_event(run, attempt, event)
+                await self._publish(run, attempt, event.delta, headers)
         # The final response may only follow once every delta of this attempt is on the broker.
         await asyncio.gather(*attempt.acks)
         return attempt
+
+    def _note_event(self, run: _Run, attempt: _Attempt, event: StreamDelta) -> None:
+        if run.first_delta_at is None:
+            run.first_delta_at = self._clock()
+        attempt.chat_id = event.chat_id
+        attempt.session_id = event.session_id or attempt.session_id
+
+    async def _stream_coalesced(
+        self,
+        run: _Run,
+        attempt: _Attempt,
+        stream: AsyncIterator[StreamDelta],
+        headers: Headers,
+    ) -> None:
+        """Publish held text by size as deltas arrive, and by age from a timer task."""
+        max_delay_s = self._settings.coalesce_ms / 1000
+        coalescer = DeltaCoalescer(max_chars=self._settings.coalesce_chars, max_delay_s=max_delay_s)
+        # Two tasks publish (this one and the timer); the lock keeps seq and send order equal.
+        lock = asyncio.Lock()
+
+        async def emit(text: str | None) -> None:
+            if text:
+                async with lock:
+                    await self._publish(run, attempt, text, headers)
+
+        async def flush_by_age() -> None:
+            while True:
+                due = coalescer.due_in(self._clock())
+                await asyncio.sleep(max_delay_s if due is None else due)
+                if coalescer.due_in(self._clock()) == 0.0:
+                    await emit(coalescer.flush())
+
+        timer = asyncio.create_task(flush_by_age()) if max_delay_s > 0 else None
+        try:
+            async for event in stream:
+                self._note_event(run, attempt, event)
+                await emit(coalescer.add(event.delta, self._clock()))
+            await emit(coalescer.flush())
+        finally:
+            if timer is not None:
+                timer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await timer
 
     async def _publish(self, run: _Run, attempt: _Attempt, text: str, headers: Headers) -> None:
         request = run.request
