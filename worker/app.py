@@ -436,9 +436,9 @@ def build_worker(
         SharedBackoff(),
         metrics,
         HandlerSettings(
-            default_assistant_id=settings.vapi_assistant_id,
+            default_assistant_id=settings.default_assistant_id(),
             context_mode=settings.vapi_context_mode,
-            request_deadline_s=settings.vapi_request_timeout_s * settings.retry_max_attempts,
+            request_deadline_s=settings.vapi_request_deadline_s,
             coalesce_ms=settings.worker_delta_coalesce_ms,
             coalesce_chars=settings.worker_delta_coalesce_chars,
         ),

@@ -8,10 +8,10 @@ them all; a test keeps that table, the k8s manifests and this model in step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
 
@@ -43,13 +43,15 @@ class Settings(BaseSettings):
     vapi_base_url: str | None = None
     vapi_api_key: SecretStr | None = None
     vapi_api_key_file: Path | None = None
-    vapi_assistant_id: str = "sim-assistant"
-    vapi_assistant_allowlist: list[str] = Field(default_factory=list)
+    vapi_assistant_id: str | None = None
+    # Comma-separated in the environment (``a1,a2``), not JSON.
+    vapi_assistant_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     vapi_context_mode: Literal["previous_chat_id", "session_id"] = "previous_chat_id"
     vapi_connect_timeout_s: float = Field(default=5.0, gt=0)
     vapi_first_delta_timeout_s: float = Field(default=30.0, gt=0)
     vapi_stall_timeout_s: float = Field(default=20.0, gt=0)
     vapi_request_timeout_s: float = Field(default=120.0, gt=0)
+    vapi_request_deadline_s: float = Field(default=300.0, gt=0)
     vapi_max_connections: int = Field(default=512, ge=1)
 
     # Retries
@@ -80,6 +82,13 @@ class Settings(BaseSettings):
     simulator_inter_token_delay_s: float = Field(default=0.03, ge=0)
     simulator_first_token_latency_s: float = Field(default=0.2, ge=0)
 
+    @field_validator("vapi_assistant_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
         if self.vapi_api_key is None and self.vapi_api_key_file is not None:
@@ -89,6 +98,14 @@ class Settings(BaseSettings):
                 raise ConfigError(f"cannot read VAPI_API_KEY_FILE: {exc.strerror}") from exc
             self.vapi_api_key = SecretStr(key)
         return self
+
+    def default_assistant_id(self) -> str:
+        """The assistant for requests that name none; required when a real Vapi is configured."""
+        if self.vapi_assistant_id:
+            return self.vapi_assistant_id
+        if self.uses_embedded_simulator:
+            return "sim-assistant"
+        raise ConfigError("VAPI_ASSISTANT_ID is required when VAPI_API_KEY or VAPI_BASE_URL is set")
 
     @property
     def uses_embedded_simulator(self) -> bool:
