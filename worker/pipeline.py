@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,7 +36,7 @@ class ChatStreamer(Protocol):
 
     def stream_chat(
         self, body: dict[str, object], *, request_id: str, attempt: int
-    ) -> AsyncIterator[StreamDelta]: ...
+    ) -> AsyncGenerator[StreamDelta, None]: ...
 
 
 class OutputPublisher(Protocol):
@@ -249,12 +249,14 @@ class RequestHandler:
         stream = self._client.stream_chat(
             self._body(run), request_id=request.request_id, attempt=run.attempts
         )
-        if self._settings.coalesce_ms > 0 or self._settings.coalesce_chars > 0:
-            await self._stream_coalesced(run, attempt, stream, headers)
-        else:
-            async for event in stream:
-                self._note_event(run, attempt, event)
-                await self._publish(run, attempt, event.delta, headers)
+        # aclosing: a cancelled request (shutdown, rebalance) closes its HTTP stream at once.
+        async with contextlib.aclosing(stream):
+            if self._settings.coalesce_ms > 0 or self._settings.coalesce_chars > 0:
+                await self._stream_coalesced(run, attempt, stream, headers)
+            else:
+                async for event in stream:
+                    self._note_event(run, attempt, event)
+                    await self._publish(run, attempt, event.delta, headers)
         # The final response may only follow once every delta of this attempt is on the broker.
         await asyncio.gather(*attempt.acks)
         return attempt
