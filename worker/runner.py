@@ -18,7 +18,7 @@ from worker.logs import register_secret
 from worker.metrics import WorkerMetrics
 from worker.ops_http import OpsServer
 from worker.simulator.server import SimulatorConfig, serve_simulator
-from worker.topics import ensure_topics
+from worker.topics import BrokerProbe, ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -62,14 +62,16 @@ def vapi_endpoint(settings: Settings) -> tuple[str, str]:
     return settings.effective_vapi_base_url(), settings.vapi_api_key.get_secret_value()
 
 
-def readiness(worker: Worker) -> Mapping[str, bool]:
-    """What /readyz reports: assigned (no rebalance under way), table recovered, Vapi key good."""
+def readiness(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
+    """What /readyz reports: assigned (no rebalance under way), table recovered, broker
+    reachable, Vapi key good."""
     app = worker.app
     recovery = cast(Any, app.tables).recovery
     return {
         "started": bool(app.started),
         "assigned": not app.rebalancing,
         "recovered": recovery.completed.is_set(),
+        "broker": broker.reachable,
         "vapi_auth": worker.vapi_auth_ok(),
     }
 
@@ -85,12 +87,18 @@ def run_worker(settings: Settings) -> int:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
     worker = build_worker(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
-    ops = OpsServer(registry, lambda: readiness(worker), port=settings.worker_http_port)
+    broker = BrokerProbe(settings)
+    ops = OpsServer(registry, lambda: readiness(worker, broker), port=settings.worker_http_port)
 
     @worker.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def serve_ops() -> None:
+        await broker.check()
         await ops.start()
         log.info("ops endpoints up", port=ops.port, paths=["/metrics", "/healthz", "/readyz"])
+
+    @worker.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
+    async def probe_broker() -> None:
+        await broker.check()
 
     faust_worker = faust.Worker(
         worker.app,

@@ -98,3 +98,38 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
             else None
         )
     return kwargs
+
+
+class BrokerProbe:
+    """Answers "is the broker reachable?" for /readyz, with one small admin request at a time."""
+
+    def __init__(self, settings: Settings, *, timeout_s: float = 5.0) -> None:
+        self._settings = settings
+        self._timeout_s = timeout_s
+        self._admin: AIOKafkaAdminClient | None = None
+        self.reachable = False
+
+    async def check(self) -> bool:
+        """Ask the cluster for its metadata; remember and return whether that worked."""
+        try:
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(
+                    bootstrap_servers=self._settings.kafka_bootstrap_servers,
+                    client_id=f"{self._settings.worker_app_id}-probe",
+                    **kafka_client_kwargs(self._settings),
+                )
+                await asyncio.wait_for(admin.start(), self._timeout_s)
+                self._admin = admin
+            await asyncio.wait_for(self._admin.describe_cluster(), self._timeout_s)
+            self.reachable = True
+        except Exception:
+            # Any failure means "not reachable now"; the next check starts a fresh client.
+            self.reachable = False
+            await self.close()
+        return self.reachable
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
