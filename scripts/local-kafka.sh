@@ -2,11 +2,13 @@
 # A real single-node KRaft Apache Kafka broker, run with `java` from jars resolved from Maven Central.
 # No Docker engine and no Kafka tarball are needed: only Java 17+ and Maven.
 #
-# Usage: scripts/local-kafka.sh jars|up|down|status
+# Usage: scripts/local-kafka.sh jars|up|down|stop|resume|status
 #   jars    resolve the broker's jars into $KAFKA_JARS_DIR once (a stamp file makes re-runs free)
 #   up      format a fresh log dir and start the broker in the background; prints the bootstrap
 #           address on stdout (progress goes to stderr), so `bootstrap=$(scripts/local-kafka.sh up)`
 #   down    stop the broker (SIGTERM, SIGKILL after 30 s) and remove its run dir
+#   stop    stop the broker like `down`, but keep its run dir (config, data, logs)
+#   resume  start the broker again on the run dir a `stop` kept (same cluster, same data)
 #   status  exit 0 and print the bootstrap address if running, exit 3 if not
 #
 # Environment:
@@ -194,33 +196,54 @@ cmd_up() {
   cmd_jars
   rm -rf "$RUN_DIR"
   write_config
-  local cp="$KAFKA_JARS_DIR/*"
-  local -a jvm=(java -Xmx512m -Xms128m -Djava.awt.headless=true "-Djava.io.tmpdir=$RUN_DIR/tmp"
-    "-Dlog4j2.configurationFile=$RUN_DIR/log4j2.properties")
-  local -a extra_opts
-  read -r -a extra_opts <<<"${LOCAL_KAFKA_JAVA_OPTS:-}"
-  jvm+=("${extra_opts[@]}")
-
+  local -a jvm
+  jvm_command
   # A new cluster id needs an empty log.dirs: the run dir was just removed.
   local cluster_id
   cluster_id="$(new_cluster_id)"
   log "formatting $RUN_DIR/data (cluster id $cluster_id)"
-  "${jvm[@]}" -cp "$cp" kafka.tools.StorageTool format -t "$cluster_id" \
+  "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
     -c "$RUN_DIR/server.properties" --ignore-formatted >"$RUN_DIR/format.log" 2>&1 ||
     {
       cat "$RUN_DIR/format.log" >&2
       die "formatting the log dir failed"
     }
+  start_broker "$started_us"
+}
 
+# The java command line (into the caller's `jvm` array), with the jars on the class path.
+jvm_command() {
+  jvm=(java -Xmx512m -Xms128m -Djava.awt.headless=true "-Djava.io.tmpdir=$RUN_DIR/tmp"
+    "-Dlog4j2.configurationFile=$RUN_DIR/log4j2.properties")
+  local -a extra_opts
+  read -r -a extra_opts <<<"${LOCAL_KAFKA_JAVA_OPTS:-}"
+  jvm+=("${extra_opts[@]}" -cp "$KAFKA_JARS_DIR/*")
+}
+
+# How many "Kafka Server started" lines the broker log has (0 without a log).
+started_lines() {
+  local n
+  n="$(grep -c 'Kafka Server started' "$RUN_DIR/server.log" 2>/dev/null)" || true
+  printf '%s\n' "${n:-0}"
+}
+
+# Start the broker on the formatted run dir and wait until it serves; $1: start time (now_us).
+start_broker() {
+  local started_us="$1"
+  local -a jvm
+  jvm_command
   log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller 127.0.0.1:$CONTROLLER_PORT)"
+  # `resume` waits for a new "started" line: count the ones logged before this start.
+  local seen
+  seen="$(started_lines)"
   # setsid: own session, so a Ctrl-C in the caller's terminal does not reach the broker.
-  setsid "${jvm[@]}" -cp "$cp" kafka.Kafka "$RUN_DIR/server.properties" \
-    </dev/null >"$RUN_DIR/stdout.log" 2>&1 &
+  setsid "${jvm[@]}" kafka.Kafka "$RUN_DIR/server.properties" \
+    </dev/null >>"$RUN_DIR/stdout.log" 2>&1 &
   local pid=$!
   printf '%s\n' "$pid" >"$PID_FILE"
 
   local deadline=$((SECONDS + START_TIMEOUT_S))
-  until grep -q 'Kafka Server started' "$RUN_DIR/server.log" 2>/dev/null && port_open "$PORT"; do
+  until (($(started_lines) > seen)) && port_open "$PORT"; do
     kill -0 "$pid" 2>/dev/null || fail_start "the broker exited during start-up"
     if ((SECONDS >= deadline)); then
       kill -KILL "$pid" 2>/dev/null || true
@@ -234,6 +257,29 @@ cmd_up() {
 }
 
 cmd_down() {
+  stop_broker
+  rm -rf "$RUN_DIR"
+}
+
+cmd_stop() {
+  stop_broker
+}
+
+cmd_resume() {
+  local started_us
+  started_us="$(now_us)"
+  if running_pid >/dev/null; then
+    log "already running (pid $(running_pid)) on $BOOTSTRAP"
+    printf '%s\n' "$BOOTSTRAP"
+    return 0
+  fi
+  [[ -f "$RUN_DIR/server.properties" && -d "$RUN_DIR/data" ]] ||
+    die "no kept run dir at $RUN_DIR: use \`up\` (or \`stop\` instead of \`down\`)"
+  command -v java >/dev/null || die "java not found: install a JDK 17+ (apt-get install openjdk-17-jre-headless)"
+  start_broker "$started_us"
+}
+
+stop_broker() {
   local pid
   if pid="$(running_pid)"; then
     log "stopping pid $pid"
@@ -252,7 +298,6 @@ cmd_down() {
   else
     log "not running on $BOOTSTRAP"
   fi
-  rm -rf "$RUN_DIR"
 }
 
 cmd_status() {
@@ -271,9 +316,11 @@ main() {
   jars) cmd_jars ;;
   up) cmd_up ;;
   down) cmd_down ;;
+  stop) cmd_stop ;;
+  resume) cmd_resume ;;
   status) cmd_status ;;
   *)
-    printf 'usage: %s jars|up|down|status\n' "$0" >&2
+    printf 'usage: %s jars|up|down|stop|resume|status\n' "$0" >&2
     exit 2
     ;;
   esac
