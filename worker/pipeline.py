@@ -164,9 +164,11 @@ class RequestHandler:
     async def _run_attempts(self, run: _Run, headers: Headers) -> Outcome:
         deadline = run.started + self._settings.request_deadline_s
         while True:
+            paused = await self._wait_for_shared_backoff(deadline)
+            if paused is not None:
+                return self._failed(run, paused)
             run.attempts += 1
             structlog.contextvars.bind_contextvars(attempt=run.attempts)
-            await self._wait_for_shared_backoff()
             try:
                 attempt = await self._stream_once(run, headers)
             except VapiError as err:
@@ -221,11 +223,23 @@ class RequestHandler:
             and err.http_status in (400, 404)
         )
 
-    async def _wait_for_shared_backoff(self) -> None:
-        # A burst of 429s pauses every stream of this worker, not just the one that got it.
+    async def _wait_for_shared_backoff(self, deadline: float) -> VapiRateLimitedError | None:
+        """Wait out a 429 pause of the whole worker; an error instead if it outlasts the deadline.
+
+        A burst of 429s pauses every stream of this worker, not just the one that got it. A
+        request whose deadline ends inside the pause fails now instead of sleeping past it.
+        """
         remaining = self._backoff.remaining(self._clock())
-        if remaining > 0:
-            await self._sleep(remaining)
+        if remaining <= 0:
+            return None
+        if self._clock() + remaining > deadline:
+            return VapiRateLimitedError(
+                f"Vapi rate-limited this worker for {remaining:.1f} s more, "
+                "past this request's deadline",
+                retry_after_s=remaining,
+            )
+        await self._sleep(remaining)
+        return None
 
     def _body(self, run: _Run) -> dict[str, object]:
         request = run.request

@@ -312,6 +312,22 @@ async def test_429_on_one_request_delays_another_requests_next_call(make_rig: Ma
 # --- server errors and broken connections --------------------------------------------------------
 
 
+async def test_a_shared_pause_longer_than_the_deadline_fails_the_request_at_once(
+    make_rig: MakeRig,
+) -> None:
+    """A request whose deadline ends inside the worker's 429 pause fails now, without a call."""
+    rig = await make_rig(advance_clock=False, deadline_s=60)
+    first = await rig.run("[[sim:fault status code=429 retry_after=600]] alpha", request_id="req-a")
+    assert first.status == "failed"
+    second = await rig.run("bravo", request_id="req-b")
+    assert rig.calls("req-b") == []
+    assert second.status == "failed"
+    assert second.error is not None
+    assert (second.error.code, second.error.retryable) == ("vapi_rate_limited", True)
+    assert second.attempts == 0
+    assert rig.time.delays() == []
+
+
 @pytest.mark.parametrize("status", [500, 502, 503])
 async def test_server_errors_are_retried_then_completed(make_rig: MakeRig, status: int) -> None:
     """Two 5xx answers are retried with backoff, and the third call completes the request."""
