@@ -185,6 +185,8 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
             deadline_s: float = 300.0,
             advance_clock: bool = True,
             rng: random.Random | None = None,
+            coalesce_chars: int = 0,
+            coalesce_ms: int = 0,
         ) -> Rig:
             metrics = WorkerMetrics(CollectorRegistry())
             client = await stack.enter_async_context(
@@ -204,7 +206,10 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
                 SharedBackoff(),
                 metrics,
                 HandlerSettings(
-                    default_assistant_id="sim-assistant", request_deadline_s=deadline_s
+                    default_assistant_id="sim-assistant",
+                    request_deadline_s=deadline_s,
+                    coalesce_chars=coalesce_chars,
+                    coalesce_ms=coalesce_ms,
                 ),
                 clock=fake_time.clock,
                 sleep=fake_time.sleep,
@@ -511,3 +516,23 @@ async def test_exhausted_retries_end_in_exactly_one_failed_response(
     assert [attempt for attempt, _ in rig.calls("req-1")] == list(range(1, attempts + 1))
     assert len(rig.time.delays()) == attempts - 1
     assert rig.sample("chat_worker_requests_total", outcome="completed") == 0
+
+
+# --- delta coalescing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("chars", "ms"), [(40, 0), (0, 30), (25, 30)])
+async def test_coalesced_deltas_are_fewer_gap_free_and_make_up_the_reply(
+    make_rig: MakeRig, chars: int, ms: int
+) -> None:
+    """With coalescing on, fewer deltas than tokens arrive, seq has no gaps, the text is whole."""
+    rig = await make_rig(coalesce_chars=chars, coalesce_ms=ms)
+    response = await rig.run("[[sim:pace tokens=60 delay_ms=2 first_ms=0]] tell me a story")
+    _assert_completed(rig, response, attempts=1)
+    deltas = rig.publisher.deltas_of("req-1", 1)
+    assert [d.seq for d in deltas] == list(range(len(deltas)))
+    assert "".join(d.delta for d in deltas) == response.text == rig.reply_of(response)
+    assert 1 <= len(deltas) < 60
+    assert response.delta_count == len(deltas)
+    if chars and not ms:
+        assert all(len(d.delta) >= chars for d in deltas[:-1])
