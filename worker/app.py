@@ -39,7 +39,7 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
-from worker.state import ConversationStore
+from worker.state import ConversationStore, StateTable
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
@@ -257,7 +257,7 @@ class Dispatcher:
             outcome.session_id,
             keep=self._settings.worker_completed_ids_kept,
         )
-        self._store.put(request.conversation_id, new_state, job.event)
+        await self._store.put(request.conversation_id, new_state, job.event)
 
     async def _finish(self, job: Job) -> None:
         assert job.ticket is not None
@@ -395,6 +395,7 @@ def build_worker(
         store="memory://",
         datadir=tempfile.mkdtemp(prefix="vapi-worker-"),
         broker_credentials=_kafka_credentials(settings),
+        Table=StateTable,
     )
     cast(Any, app.transport).Producer = IdempotentProducer
 
@@ -448,7 +449,12 @@ def build_worker(
         await app.crash(exc)
 
     dispatcher = Dispatcher(
-        settings, handler, ConversationStore(table), publisher, metrics, on_crash=crash
+        settings,
+        handler,
+        ConversationStore(cast(StateTable, table)),
+        publisher,
+        metrics,
+        on_crash=crash,
     )
     app.dispatcher = dispatcher
     app.shutdown_grace_s = settings.worker_shutdown_grace_s

@@ -8,10 +8,11 @@ Vapi again. ``ConversationStore`` is the thin wrapper over the table; everything
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import faust
 from faust.streams import current_event
 
 
@@ -67,6 +68,23 @@ class ConversationState:
         )
 
 
+class StateTable(faust.Table[str, Any]):
+    """A Faust table that keeps the future of its latest changelog send.
+
+    Faust buffers changelog writes and flushes them before the next commit, seconds later. A
+    worker killed in between would lose the "request finished" record of requests whose
+    responses are already out, and answer them twice after restart. Awaiting this future before
+    the request's offset is acked shrinks that window to one broker round trip.
+    """
+
+    last_changelog_send: Awaitable[Any] | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        future = super().send_changelog(*args, **kwargs)
+        self.last_changelog_send = future
+        return future
+
+
 class ConversationStore:
     """Reads and writes conversation state in the Faust table.
 
@@ -77,15 +95,19 @@ class ConversationStore:
     the wrong worker after a rebalance.
     """
 
-    def __init__(self, table: MutableMapping[str, Any]) -> None:
+    def __init__(self, table: StateTable) -> None:
         self._table = table
 
     def get(self, conversation_id: str) -> ConversationState:
         return ConversationState.from_json(self._table.get(conversation_id))
 
-    def put(self, conversation_id: str, state: ConversationState, event: object) -> None:
+    async def put(self, conversation_id: str, state: ConversationState, event: object) -> None:
+        """Write the state and wait until its changelog record is on the broker."""
         if current_event() is not event:
             raise RuntimeError(
                 "table write outside its request's context: it would go to the wrong partition"
             )
         self._table[conversation_id] = state.to_json()
+        sent = self._table.last_changelog_send
+        if sent is not None:
+            await sent
