@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import RecordMetadata
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_KEY = "sim-test-key-0123456789"
@@ -65,11 +66,15 @@ class Topics:
 
 
 class SimulatorProcess:
-    """``vapi-worker simulator`` in its own process, as a real Vapi stand-in."""
+    """``vapi-worker simulator`` in its own process, as a real Vapi stand-in.
 
-    def __init__(self, *args: str) -> None:
+    ``api_key`` is the one Bearer key it accepts (the workers' default is ``SIM_KEY``).
+    """
+
+    def __init__(self, *args: str, api_key: str = SIM_KEY) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
         self._args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -83,7 +88,7 @@ class SimulatorProcess:
                 "--port",
                 str(self.port),
                 "--api-key",
-                SIM_KEY,
+                self.api_key,
                 *self._args,
             ],
             cwd=ROOT,
@@ -205,15 +210,18 @@ async def produce(
     topic: str,
     records: Iterable[tuple[bytes | None, bytes]],
     headers: list[tuple[str, bytes]] | None = None,
-) -> None:
-    """Produce records in the given order (one producer: per-partition order is kept)."""
+) -> list[RecordMetadata]:
+    """Produce records in the given order (one producer: per-partition order is kept).
+
+    Returns each record's metadata (partition, offset), in the order given.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
     await producer.start()
     try:
         futures = [
             await producer.send(topic, value, key=key, headers=headers) for key, value in records
         ]
-        await asyncio.gather(*futures)
+        return list(await asyncio.gather(*futures))
     finally:
         await producer.stop()
 
