@@ -23,10 +23,12 @@ from the first scrape, and ``rate()`` sees the first increment.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
+
+from worker.messages import InvalidReason
 
 #: Values of ``outcome`` on ``chat_worker_requests_total``.
 OUTCOMES: Final = ("completed", "failed", "invalid", "duplicate")
@@ -46,21 +48,7 @@ RETRY_REASONS: Final = (
 #: Values of ``reason`` on ``chat_worker_dlq_total``: the reason codes of ``InvalidRequestError``
 #: (``worker.messages.INVALID_REASONS`` plus the worker's own assistant allowlist check).
 #: ``dlq_reason()`` maps any other code to "other", so a new code cannot grow the series count.
-DLQ_REASONS: Final = (
-    "empty",
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "unknown_schema",
-    "missing_field",
-    "invalid_field",
-    "empty_conversation_id",
-    "key_mismatch",
-    "input_too_large",
-    "metadata_too_large",
-    "assistant_not_allowed",
-    "other",
-)
+DLQ_REASONS: Final = (*get_args(InvalidReason), "assistant_not_allowed", "other")
 
 #: Time to first delta and whole-request duration of an LLM stream: tens of ms to minutes.
 STREAM_BUCKETS_S: Final = (
