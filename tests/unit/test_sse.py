@@ -212,6 +212,27 @@ def test_invalid_utf8_is_a_protocol_error() -> None:
         decoder.feed(b"data: \xff\n\n")
 
 
+def test_events_before_invalid_utf8_in_the_same_chunk_come_first() -> None:
+    """Events completed before the bad bytes are returned; the next call raises."""
+    decoder = SSEStreamDecoder()
+    events = decoder.feed(b"data: a\n\ndata: b\n\ndata: \xff\n\n")
+    assert [e.data for e in events] == ["a", "b"]
+    with pytest.raises(VapiProtocolError, match="not valid UTF-8"):
+        decoder.feed(b"data: c\n\n")
+    with pytest.raises(VapiProtocolError, match="not valid UTF-8"):
+        decoder.close()
+
+
+def test_invalid_utf8_after_a_split_character_keeps_the_character() -> None:
+    """A character completed by the chunk that then turns bad is part of the good prefix."""
+    decoder = SSEStreamDecoder()
+    assert decoder.feed(b"data: \xe2\x98") == []
+    events = decoder.feed(b"\x83\n\n\xff")
+    assert [e.data for e in events] == ["\u2603"]
+    with pytest.raises(VapiProtocolError):
+        decoder.close()
+
+
 def test_stream_ending_inside_a_character_is_a_protocol_error() -> None:
     """A stream that stops in the middle of a multi-byte character fails at close."""
     decoder = SSEStreamDecoder()

@@ -38,7 +38,16 @@ _Utf8Decoder: Final = codecs.getincrementaldecoder("utf-8-sig")
 class SSEStreamDecoder:
     """Turns a byte stream, in chunks of any size, into complete server-sent events."""
 
-    __slots__ = ("_event_chars", "_events", "_line_chars", "_lines", "_max_event_chars", "_text")
+    __slots__ = (
+        "_decoded_any",
+        "_error",
+        "_event_chars",
+        "_events",
+        "_line_chars",
+        "_lines",
+        "_max_event_chars",
+        "_text",
+    )
 
     def __init__(self, *, max_event_chars: int = DEFAULT_MAX_EVENT_CHARS) -> None:
         self._text = _Utf8Decoder(errors="strict")
@@ -47,15 +56,29 @@ class SSEStreamDecoder:
         self._max_event_chars = max_event_chars
         self._event_chars = 0  # in complete lines of the event being read
         self._line_chars = 0  # in the unterminated line held by the line decoder
+        self._decoded_any = False
+        #: Raised by the next call once bytes that are not UTF-8 were met.
+        self._error: VapiProtocolError | None = None
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        """Decode one chunk; return the events it completed (often none or one)."""
+        """Decode one chunk; return the events it completed (often none or one).
+
+        Bytes that are not UTF-8 raise ``VapiProtocolError``; events completed before them in
+        the same chunk are returned first, and the error is raised by the next call.
+        """
+        if self._error is not None:
+            raise self._error
         try:
             text = self._text.decode(chunk)
         except UnicodeDecodeError as exc:
-            raise VapiProtocolError(f"the event stream is not valid UTF-8: {exc.reason}") from exc
-        if not text:
-            return []
+            text = self._valid_prefix(exc)
+        events = self._events_in(text) if text else []
+        if self._error is not None and not events:
+            raise self._error
+        return events
+
+    def _events_in(self, text: str) -> list[ServerSentEvent]:
+        self._decoded_any = True
         lines = self._lines.decode(text)
         if lines:
             # The line decoder now holds at most the one fragment after the last line break.
@@ -70,8 +93,19 @@ class SSEStreamDecoder:
             )
         return events
 
+    def _valid_prefix(self, exc: UnicodeDecodeError) -> str:
+        """The text before the first bad byte; remembers the error for the next call."""
+        error = VapiProtocolError(f"the event stream is not valid UTF-8: {exc.reason}")
+        error.__cause__ = exc
+        self._error = error
+        # ``exc.object`` is what the decoder held plus this chunk; up to ``start`` it is valid.
+        prefix = exc.object[: exc.start].decode("utf-8")
+        return prefix.removeprefix("\ufeff") if not self._decoded_any else prefix
+
     def close(self) -> list[ServerSentEvent]:
         """End of stream: return events completed by the last bytes; drop an unterminated one."""
+        if self._error is not None:
+            raise self._error
         try:
             text = self._text.decode(b"", final=True)
         except UnicodeDecodeError as exc:
