@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import RecordMetadata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +55,10 @@ class Topics:
             dlq=f"dlq-{suffix}",
             app_id=f"app-{suffix}",
         )
+
+    def changelog(self, table: str = "chat-state") -> str:
+        """The changelog topic Faust keeps for ``table``."""
+        return f"{self.app_id}-{table}-changelog"
 
     def env(self) -> dict[str, str]:
         return {
@@ -181,6 +186,16 @@ class WorkerProcess:
     def metrics(self) -> str:
         return httpx.get(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5).text
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (a killed process loses what it had buffered)."""
+        records: list[dict[str, Any]] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            start = line.find("{")  # a terminal escape may precede the first record
+            if start >= 0:
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line[start:]))
+        return records
+
     def log_tail(self, lines: int = 60) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
@@ -224,6 +239,63 @@ async def produce(
         return list(await asyncio.gather(*futures))
     finally:
         await producer.stop()
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[ConsumerRecord]:
+    """Every record of ``topic``, from the beginning up to its end offsets when called."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in await _partitions_of(consumer, topic)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end within {timeout_s} s")
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records += batch
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(100):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"topic {topic} does not exist")
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The consumer group's committed offsets on ``topic``, by partition (absent: none yet)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format to ``{'name{labels}': value}``, samples spelled as exposed."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def request_record(
