@@ -62,21 +62,36 @@ class IdempotentProducer(AIOKafkaProducer):
 class KafkaPublisher:
     """Publishes the worker's outputs through Faust's producer (one producer per process)."""
 
+    #: Conversations whose delta partition is remembered; the map is dropped when it is full.
+    MAX_REMEMBERED_PARTITIONS = 65_536
+
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self._app = app
         self._deltas = settings.topic_deltas
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
+        self._delta_partitions: dict[bytes, int] = {}
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
+        key = delta.conversation_id.encode()
+        # The producer would hash the key again for every delta (pure-Python murmur2 and two
+        # copies of the partition list): the partition of a conversation is looked up once.
+        partition = self._delta_partitions.get(key)
         fut: Awaitable[object] = await self._app.producer.send(
             self._deltas,
-            delta.conversation_id.encode(),
+            key,
             delta.encode(),
-            None,
+            partition,
             None,
             output_headers(ChatDelta.SCHEMA, headers),
         )
+        if partition is None:
+            # After a send, so the topic's metadata is known; same partitioner, same answer.
+            if len(self._delta_partitions) >= self.MAX_REMEMBERED_PARTITIONS:
+                self._delta_partitions.clear()
+            self._delta_partitions[key] = self._app.producer.key_partition(
+                self._deltas, key
+            ).partition
         return fut
 
     async def send_response(self, response: ChatResponse, headers: Headers) -> None:
