@@ -7,7 +7,9 @@ response's text; each later turn of a conversation continued from the previous t
 record went to the dead-letter topic and no response names an unknown request.
 
 Added latency of a delta: the reader's read time minus the simulator's write time of the same
-``(chat_id, seq)`` (``GET /_sim/delta-times``), for the final attempt's deltas.
+``(chat_id, seq)`` (``GET /_sim/delta-times``), for the final attempt's deltas. It is split at the
+delta's ``ts`` (the worker's clock when it received the delta; same machine, same clock) into
+simulator→worker (the worker reading late) and worker→reader (producer, broker, reader).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class Verdict:
     deltas: int = 0
     retried_requests: int = 0
     latencies_s: list[float] = field(default_factory=list)
+    #: The two parts of each latency, split at the delta's ``ts`` (when the worker received it).
+    receive_latencies_s: list[float] = field(default_factory=list)
+    publish_latencies_s: list[float] = field(default_factory=list)
     first_call_at: float | None = None
     last_response_at: float | None = None
     mean_delta_bytes: float = 0.0
@@ -87,6 +92,7 @@ class Verdict:
 @dataclass(slots=True)
 class _Delta:
     read_at: float
+    ts: float
     attempt: int
     seq: int
     chat_id: str
@@ -134,7 +140,14 @@ def _group_deltas(
         total_bytes += len(raw)
         value = json.loads(raw)
         grouped[value["request_id"]].append(
-            _Delta(read_at, value["attempt"], value["seq"], value["chat_id"], value["delta"])
+            _Delta(
+                read_at,
+                value["ts"],
+                value["attempt"],
+                value["seq"],
+                value["chat_id"],
+                value["delta"],
+            )
         )
     verdict.mean_delta_bytes = total_bytes / len(deltas) if deltas else 0.0
     return grouped
@@ -205,6 +218,8 @@ def _measure_latency(
     for delta in deltas:
         if delta.attempt == response["attempts"] and delta.seq < len(written):
             verdict.latencies_s.append(delta.read_at - written[delta.seq])
+            verdict.receive_latencies_s.append(delta.ts - written[delta.seq])
+            verdict.publish_latencies_s.append(delta.read_at - delta.ts)
 
 
 def _check_chains(

@@ -179,7 +179,16 @@ def _latency_rows(result: ScenarioResult, judge: _Judge) -> list[Row]:
             verdict,
         ),
         Row("added latency/delta max (ms)", _num(w.latency_max_ms), _of(b, "latency_max_ms")),
+        Row("  simulator->worker p50 / p99 (ms)", _split(w, "receive"), _split(b, "receive")),
+        Row("  worker->reader p50 / p99 (ms)", _split(w, "publish"), _split(b, "publish")),
     ]
+
+
+def _split(result: SystemResult | None, part: str) -> str:
+    if result is None:
+        return ""
+    p50, p99 = getattr(result, f"{part}_p50_ms"), getattr(result, f"{part}_p99_ms")
+    return f"{p50:,.1f} / {p99:,.1f}"
 
 
 def _cpu(result: SystemResult) -> str:
@@ -189,11 +198,16 @@ def _cpu(result: SystemResult) -> str:
     )
 
 
+def _ceiling_cpu(result: CeilingResult) -> str:
+    broker = "?" if result.broker_cpu_s is None else f"{result.broker_cpu_s:.1f}"
+    return f"{result.producer_cpu_s:.1f} / - / {broker} / -"
+
+
 def _busy(result: SystemResult) -> str:
     return f"{result.machine_busy_cores:.2f} ({result.other_processes_cores:.2f})"
 
 
-def _resource_rows(w: SystemResult, b: SystemResult | None) -> list[Row]:
+def _resource_rows(w: SystemResult, b: SystemResult | None, c: CeilingResult | None) -> list[Row]:
     rows = [
         Row(
             "CPU s per 1,000 deltas",
@@ -201,7 +215,12 @@ def _resource_rows(w: SystemResult, b: SystemResult | None) -> list[Row]:
             _of(b, "cpu_s_per_1000_deltas", 3),
         ),
         Row("peak RSS (MiB)", _num(w.peak_rss_mib), _of(b, "peak_rss_mib")),
-        Row("CPU s: process/simulator/broker/reader", _cpu(w), "" if b is None else _cpu(b)),
+        Row(
+            "CPU s: process/simulator/broker/reader",
+            _cpu(w),
+            "" if b is None else _cpu(b),
+            "" if c is None else _ceiling_cpu(c),
+        ),
         Row("machine busy, cores (others' share)", _busy(w), "" if b is None else _busy(b)),
     ]
     if w.retried_requests or (b is not None and b.retried_requests):
@@ -219,7 +238,7 @@ def scenario_rows(result: ScenarioResult, judged: bool) -> tuple[list[Row], list
         *_rate_rows(result, judge),
         *_stream_rows(result, judge),
         *_latency_rows(result, judge),
-        *_resource_rows(w, b),
+        *_resource_rows(w, b, c),
     ]
     return rows, judge.checks
 

@@ -58,6 +58,10 @@ class SystemResult:
     latency_p50_ms: float
     latency_p99_ms: float
     latency_max_ms: float
+    receive_p50_ms: float
+    receive_p99_ms: float
+    publish_p50_ms: float
+    publish_p99_ms: float
     cpu_s_per_1000_deltas: float
     cpu_s: float
     peak_rss_mib: float
@@ -81,6 +85,8 @@ class CeilingResult:
     record_bytes: int
     seconds: float
     deltas_per_s: float
+    producer_cpu_s: float
+    broker_cpu_s: float | None
 
 
 @dataclass
@@ -323,6 +329,10 @@ def _measure(
         latency_p50_ms=percentile(latencies, 0.50) * 1000,
         latency_p99_ms=percentile(latencies, 0.99) * 1000,
         latency_max_ms=max(latencies, default=0.0) * 1000,
+        receive_p50_ms=percentile(verdict.receive_latencies_s, 0.50) * 1000,
+        receive_p99_ms=percentile(verdict.receive_latencies_s, 0.99) * 1000,
+        publish_p50_ms=percentile(verdict.publish_latencies_s, 0.50) * 1000,
+        publish_p99_ms=percentile(verdict.publish_latencies_s, 0.99) * 1000,
         cpu_s_per_1000_deltas=cpu / verdict.deltas * 1000 if verdict.deltas else 0.0,
         cpu_s=round(cpu, 3),
         peak_rss_mib=process.sampler.peak_rss / 2**20,
@@ -345,9 +355,29 @@ async def run_ceiling(
     await create_topics(ctx.bootstrap, [topic], scenario.partitions)
     keys = _delta_keys(load, scenario.reply_tokens)
     value = _delta_value(record_bytes)
-    seconds, rate = await raw_ceiling(ctx.bootstrap, topic, keys, value)
+    broker = None
+    if ctx.broker_pid is not None:
+        with contextlib.suppress(psutil.Error):
+            broker = Sampler.of_process(ctx.broker_pid).start()
+    bench = Sampler.of_process(os.getpid()).start()
+    started = time.time()
+    try:
+        seconds, rate = await raw_ceiling(ctx.bootstrap, topic, keys, value)
+        await asyncio.sleep(0.2)  # a sample after the end
+    finally:
+        bench.stop()
+        if broker is not None:
+            broker.stop()
+    ended = started + seconds
     say(f"{scenario.name}/ceiling: {len(keys)} records of {len(value)} bytes in {seconds:.2f} s")
-    return CeilingResult(len(keys), len(value), round(seconds, 3), rate)
+    return CeilingResult(
+        len(keys),
+        len(value),
+        round(seconds, 3),
+        rate,
+        producer_cpu_s=round(bench.cpu_between(started, ended), 3),
+        broker_cpu_s=None if broker is None else round(broker.cpu_between(started, ended), 3),
+    )
 
 
 def _delta_keys(load: Sequence[RequestSpec], tokens: int) -> list[bytes]:
