@@ -293,6 +293,26 @@ def _timeline(rid: str, evidence: Evidence) -> str:
     return f"{rid}: " + "; ".join(f"{t - origin:+.3f} {what}" for t, what in sorted(events))
 
 
+async def wait_all_answered(reader: OutputReader, plan: Plan, timeout_s: float) -> None:
+    """Wait for a final response to every planned request; on timeout, say what is missing.
+
+    The message lists the unanswered requests with their partition and offset, and the group's
+    committed offsets: a commit past one of them means it was lost, not merely slow.
+    """
+    try:
+        await reader.wait_for_responses(plan.request_ids, timeout_s)
+    except AssertionError:
+        answered = {r["request_id"] for r in reader.outputs.responses}
+        missing = {rid: plan.placed.get(rid) for rid in plan.request_ids if rid not in answered}
+        topics = reader.topics
+        committed = await committed_offsets(reader.bootstrap, topics.app_id, topics.requests)
+        raise AssertionError(
+            f"{len(missing)} of {len(plan.request_ids)} requests unanswered after {timeout_s} s; "
+            f"(partition, offset) of the first: {dict(sorted(missing.items())[:12])}; "
+            f"committed offsets: {committed}"
+        ) from None
+
+
 # --- processes --------------------------------------------------------------------------------
 
 
@@ -441,7 +461,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(
             worker = await workers.start_ready(f"crash-{len(kills)}")
             await waves.send(3)
         await waves.send(max(0, CRASH_TURNS - waves.turns))
-        await reader.wait_for_responses(plan.request_ids, 240)
+        await wait_all_answered(reader, plan, 240)
         await asyncio.sleep(3)  # room for a late duplicate to show up
         counts = await check_invariants(
             "sigkill", plan, reader, simulator.calls(), runs=len(kills) + 1, kills=kills
@@ -511,7 +531,7 @@ async def test_a_worker_joining_and_one_leaving_mid_run_keep_every_invariant(
         finally:
             stop.set()
             await feeding
-        await reader.wait_for_responses(plan.request_ids, 180)
+        await wait_all_answered(reader, plan, 180)
         await asyncio.sleep(2)
         await check_invariants("rebalance", plan, reader, simulator.calls(), runs=3)
     assert in_flight_at_join > 0, "no stream was in flight when the third worker started"
@@ -611,7 +631,7 @@ async def test_the_worker_reconnects_after_a_broker_restart_mid_run(
             assert in_flight > 0, "the broker stopped when no stream was in flight"
             # Requests sent after the restart are answered by the same process.
             await plan.send(bootstrap, topics.requests, [f"b{c}-6" for c in range(10)])
-            await reader.wait_for_responses(plan.request_ids, 240)
+            await wait_all_answered(reader, plan, 240)
             await asyncio.sleep(2)
             assert worker.proc is not None
             assert worker.proc.poll() is None, worker.log_tail()
@@ -660,7 +680,7 @@ async def test_revoked_partitions_cancel_their_streams_commit_nothing_and_move_o
         try:
             await wait_until(all_stalled, 60, "every second turn streaming")
             await workers.start_ready("joiner", **env)
-            await reader.wait_for_responses(plan.request_ids, 120)
+            await wait_all_answered(reader, plan, 120)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -732,7 +752,7 @@ async def test_sigterm_finishes_short_streams_cuts_long_ones_and_exits_zero(
             assert committed.get(partition, 0) <= offset, (rid, plan.placed[rid], committed)
 
         await workers.start_ready("next", **env)
-        await reader.wait_for_responses(plan.request_ids, 60)
+        await wait_all_answered(reader, plan, 60)
         await asyncio.sleep(2)
         calls = calls_by_request(simulator)
         assert all(len(calls[rid]) == 1 for rid in short), "a finished stream was sent again"
@@ -773,7 +793,7 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
             await plan.send(kafka_bootstrap, good_topics.requests)
             await produce(kafka_bootstrap, good_topics.requests, [(b"k9", b"not json")])
             await bad_plan.send(kafka_bootstrap, bad_topics.requests)
-            await reader.wait_for_responses(plan.request_ids, 60)
+            await wait_all_answered(reader, plan, 60)
             await reader.wait_for(lambda out: len(out.dlq) >= 1, 30, "one DLQ record")
             await bad_reader.wait_for_responses(bad_plan.request_ids, 60)
             await check_invariants(
