@@ -165,6 +165,8 @@ class Dispatcher:
             settings.worker_max_in_flight, settings.worker_max_buffered
         )
         self._jobs: dict[tuple[Any, int], Job] = {}
+        #: Per partition, the highest offset taken since the last release.
+        self._last_taken: dict[Any, int] = {}
         self._capacity = asyncio.Event()
         self._releasing = False
         self._stream: Any = None
@@ -180,6 +182,8 @@ class Dispatcher:
         if self._releasing:
             self._forget_message(message)  # redelivered to whoever owns the partition next
             return
+        if self._taken_before(stream, message):
+            return
         job = self._decode(event)
         self._jobs[(message.tp, message.offset)] = job
         # Created here, inside the agent loop: the task's context holds this event as Faust's
@@ -189,6 +193,28 @@ class Dispatcher:
         for ticket in self.scheduler.submit(message.tp, message.offset, key, job):
             ticket.item.start(ticket)
         self._metrics.buffered.set(self.scheduler.buffered)
+
+    def _taken_before(self, stream: Any, message: Any) -> bool:
+        """True for a record Faust hands over twice: the copy is dropped, the original runs on.
+
+        After an assignment Faust resumes the partitions, then seeks them to the committed
+        offset while its fetcher is already running: records handed over before the seek come
+        again. Acking the copy could commit past the still-running original, so it is only
+        dropped from Faust's unacked set.
+        """
+        last = self._last_taken.get(message.tp)
+        if last is None or message.offset > last:
+            self._last_taken[message.tp] = message.offset
+            return False
+        self._consumer = stream.app.consumer
+        self._forget_message(message)
+        log.warning(
+            "record delivered twice, copy skipped",
+            partition=message.partition,
+            offset=message.offset,
+            last_taken=last,
+        )
+        return True
 
     def _decode(self, event: Any) -> Job:
         message = event.message
@@ -311,6 +337,7 @@ class Dispatcher:
             if self._jobs:
                 log.info("released unfinished records for redelivery", records=len(self._jobs))
             self._jobs.clear()
+            self._last_taken.clear()
             self._metrics.buffered.set(self.scheduler.buffered)
         finally:
             self._releasing = False
