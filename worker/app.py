@@ -23,6 +23,8 @@ from typing import Any, cast
 import faust
 import structlog
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
 
 from worker.config import Settings
@@ -377,8 +379,26 @@ class Dispatcher:
             self._consumer._unacked_messages.discard(message)
 
 
+class SteadyFlowControl(FlowControlEvent):
+    """Faust's flow control, except that resuming a flow that is not suspended clears nothing.
+
+    ``resume()`` empties every stream queue. At the end of table recovery Faust resumes the
+    stream partitions, seeks them to the committed offset with the fetcher already running (flow
+    control was resumed for the changelog reads), and only then calls ``resume()`` again: records
+    queued in that window were emptied out and, being past the seek, never fetched again. Once
+    later records were acked the commit passed them: requests lost. Emptying is for records
+    queued before a suspension; with nothing suspended, nothing in the queues is stale.
+    """
+
+    def resume(self) -> None:
+        if self.is_active():
+            return
+        super().resume()
+
+
 class WorkerApp(faust.App):
-    """faust.App with one hook: release the dispatcher's records before Faust drains them.
+    """faust.App with two hooks: release the dispatcher's records before Faust drains them, and
+    keep records queued after a recovery (:class:`SteadyFlowControl`).
 
     Faust calls ``_consumer_wait_empty`` on shutdown and on every partition revocation, after it
     has stopped fetching and before it waits for unacked records and commits. It is a private
@@ -388,6 +408,10 @@ class WorkerApp(faust.App):
     dispatcher: Dispatcher | None = None
     shutdown_grace_s: float = 25.0
     rebalance_grace_s: float = 3.0
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return SteadyFlowControl(loop=self.loop)
 
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
         if self.dispatcher is not None:
