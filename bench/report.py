@@ -103,7 +103,7 @@ def _rate_rows(result: ScenarioResult, judge: _Judge) -> list[Row]:
                 f">= {PACED_MIN_REQUEST_RATE_RATIO:g}x baseline",
                 ratio,
                 ratio >= PACED_MIN_REQUEST_RATE_RATIO,
-                f"{ratio:,.0f}x",
+                f"{ratio:,.1f}x",
             )
     requests = Row(
         "requests/s sustained",
@@ -123,10 +123,10 @@ def _rate_rows(result: ScenarioResult, judge: _Judge) -> list[Row]:
                 f">= {FAST_MIN_CEILING_SHARE:.0%} of ceiling",
                 share,
                 share >= FAST_MIN_CEILING_SHARE,
-                f"{share:.0%}",
+                f"{share:.1%}",
             )
         else:
-            notes.append(f"{share:.0%} of ceiling")
+            notes.append(f"{share:.1%} of ceiling")
     if b is not None:
         notes.append(f"{_ratio(w.deltas_per_s, b.deltas_per_s):,.0f}x baseline")
     deltas = Row(
