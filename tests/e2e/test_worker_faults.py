@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.e2e.harness import (
@@ -804,12 +805,13 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
             response = bad_reader.outputs.responses[0]
             assert response["status"] == "failed"
             assert response["error"]["http_status"] == 401
-        metrics = [worker.metrics(), rejected.metrics()]
+        served = [w.metrics() for w in (worker, rejected)]
+        served += [_get(f"http://127.0.0.1:{w.http_port}/readyz") for w in (worker, rejected)]
         assert worker.terminate() == 0
         assert rejected.terminate() == 0
 
         texts = await _everything_published(kafka_bootstrap, [good_topics, bad_topics])
-        texts += metrics
+        texts += served
         texts += [w.log_path.read_bytes().decode("utf-8", "replace") for w in good.started]
         texts += [w.log_path.read_bytes().decode("utf-8", "replace") for w in bad.started]
         assert len(texts) > 10
@@ -821,6 +823,10 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
         good.stop_all()
         bad.stop_all()
         sim.stop()
+
+
+def _get(url: str) -> str:
+    return httpx.get(url, timeout=5).text
 
 
 async def _everything_published(bootstrap: str, all_topics: Sequence[Topics]) -> list[str]:
