@@ -16,6 +16,9 @@ from bench.report import render, write_json
 from bench.run import BenchFailure, Context, ScenarioResult, run_scenario, say
 from bench.scenarios import QUICK, SCENARIOS, Scenario
 
+#: Other processes' load (cores) above which the table's wall-clock numbers get a warning.
+BUSY_WARNING_CORES = 0.25
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -96,6 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     missed = [c for c in checks if not c.passed]
     print(f"targets: {len(checks) - len(missed)} met, {len(missed)} missed; JSON: {path}")
+    others = max(
+        (r.other_processes_cores for res in results for r in (res.worker, res.baseline) if r),
+        default=0.0,
+    )
+    if others > BUSY_WARNING_CORES:
+        print(
+            f"warning: processes this bench did not start kept up to {others:.2f} of the "
+            f"{os.cpu_count()} cores busy during a run; wall-clock numbers (rates, latencies) "
+            "are lower than on a quiet machine and vary from run to run"
+        )
     return 0
 
 
