@@ -333,7 +333,9 @@ class Dispatcher:
                     job.task.cancel()
             tasks = [job.task for job in self._jobs.values() if job.task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.scheduler.revoke({tp for tp, _ in self._jobs})
+            # Every partition taken from since the last release, also those with nothing pending:
+            # their next records may start below the last offset seen (after a failed commit).
+            self.scheduler.revoke({tp for tp, _ in self._jobs} | set(self._last_taken))
             for job in self._jobs.values():
                 self._forget_message(job.event.message)
             if self._jobs:
@@ -408,6 +410,13 @@ class WorkerApp(faust.App):
     dispatcher: Dispatcher | None = None
     shutdown_grace_s: float = 25.0
     rebalance_grace_s: float = 3.0
+    #: Closes the Vapi client's connections once Faust has stopped (set by ``build_worker``).
+    close_vapi_client: Callable[[], Awaitable[None]] | None = None
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self.close_vapi_client is not None:
+            await self.close_vapi_client()
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
@@ -523,6 +532,7 @@ def build_worker(
         on_crash=crash,
     )
     app.dispatcher = dispatcher
+    app.close_vapi_client = client.aclose
     app.shutdown_grace_s = settings.worker_shutdown_grace_s
     app.rebalance_grace_s = settings.worker_rebalance_grace_s
 
