@@ -117,8 +117,17 @@ def _assert_chains(calls, names, turns: int) -> None:  # type: ignore[no-untyped
 async def test_bad_records_go_to_the_dlq_with_a_reason_and_the_next_good_one_is_answered(
     kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
 ) -> None:
-    """Non-JSON and conversation-less records go to the DLQ with reasons; the next is answered."""
-    worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
+    """Non-JSON, conversation-less and not-allowed-assistant records go to the DLQ with reasons.
+
+    The next good record is answered.
+    """
+    worker = WorkerProcess(
+        kafka_bootstrap,
+        topics,
+        simulator,
+        tmp_path,
+        VAPI_ASSISTANT_ALLOWLIST="sim-assistant, other-assistant",
+    ).start()
     try:
         worker.wait_ready()
         async with OutputReader(kafka_bootstrap, topics) as reader:
@@ -128,12 +137,13 @@ async def test_bad_records_go_to_the_dlq_with_a_reason_and_the_next_good_one_is_
                 [
                     (b"conv-x", b"this is not json {"),
                     (b"conv-x", json.dumps({"request_id": "r-1", "input": "hi"}).encode()),
+                    request_record("conv-x", "conv-x-0", "Hi", assistant_id="someone-else"),
                     request_record("conv-x", "conv-x-1", "Hello there"),
                 ],
                 headers=[("traceparent", b"00-abc-def-01")],
             )
             await reader.wait_for_responses(["conv-x-1"], 60)
-            await reader.wait_for(lambda out: len(out.dlq) >= 2, 30, "two DLQ records")
+            await reader.wait_for(lambda out: len(out.dlq) >= 3, 30, "three DLQ records")
             reasons = {}
             for record in reader.outputs.dlq:
                 headers = dict(record.headers)
@@ -148,7 +158,7 @@ async def test_bad_records_go_to_the_dlq_with_a_reason_and_the_next_good_one_is_
             )
             assert reader.outputs.responses_by_request()["conv-x-1"][0]["status"] == "completed"
             metrics = worker.metrics()
-            assert 'chat_worker_requests_total{outcome="invalid"} 2.0' in metrics
+            assert 'chat_worker_requests_total{outcome="invalid"} 3.0' in metrics
             assert 'chat_worker_requests_total{outcome="completed"} 1.0' in metrics
     finally:
         worker.terminate()

@@ -1,0 +1,60 @@
+"""Settings: the Vapi key from a mounted file, kept secret, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.config import Settings
+from worker.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def test_the_key_is_read_from_a_mounted_file_and_never_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VAPI_API_KEY_FILE supplies the key (trailing newline dropped); repr and dumps hide it."""
+    key_file = tmp_path / "vapi-key"
+    key_file.write_text("sk-live-secret-123\n")
+    monkeypatch.delenv("VAPI_API_KEY", raising=False)
+    monkeypatch.setenv("VAPI_API_KEY_FILE", str(key_file))
+    settings = Settings()
+    assert settings.vapi_api_key is not None
+    assert settings.vapi_api_key.get_secret_value() == "sk-live-secret-123"
+    assert "sk-live-secret-123" not in repr(settings)
+    assert "sk-live-secret-123" not in settings.model_dump_json()
+    assert not settings.uses_embedded_simulator
+
+
+def test_an_unreadable_key_file_is_a_clear_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key file that does not exist stops start-up with a message naming the setting."""
+    monkeypatch.delenv("VAPI_API_KEY", raising=False)
+    monkeypatch.setenv("VAPI_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises((ConfigError, ValidationError), match="VAPI_API_KEY_FILE"):
+        Settings()
+
+
+def test_a_real_vapi_needs_an_assistant_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a key but no VAPI_ASSISTANT_ID, asking for the default assistant is an error."""
+    monkeypatch.setenv("VAPI_API_KEY", "k")
+    monkeypatch.delenv("VAPI_ASSISTANT_ID", raising=False)
+    with pytest.raises(ConfigError, match="VAPI_ASSISTANT_ID"):
+        Settings().default_assistant_id()
+
+
+def test_the_allowlist_is_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VAPI_ASSISTANT_ALLOWLIST='a, b,,c' is the list a, b, c."""
+    monkeypatch.setenv("VAPI_ASSISTANT_ALLOWLIST", "a, b,,c")
+    assert Settings().vapi_assistant_allowlist == ["a", "b", "c"]
+
+
+def test_a_bad_number_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WORKER_MAX_IN_FLIGHT=0 is refused with the field's name in the message."""
+    monkeypatch.setenv("WORKER_MAX_IN_FLIGHT", "0")
+    with pytest.raises(ValidationError, match="worker_max_in_flight"):
+        Settings()
