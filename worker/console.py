@@ -3,7 +3,9 @@
 ``send`` produces one ``ChatRequest``; ``tail`` follows ``chat.deltas`` and ``chat.responses`` and
 renders each conversation's text as it streams. ``TailRenderer`` is pure (records in, text out) and
 does what every downstream consumer should: it drops duplicate deltas by ``(request_id, attempt,
-seq)`` and shows a restarted stream (a new ``attempt``) instead of gluing two attempts together.
+chat_id, seq)`` and shows a restarted stream instead of gluing two streams together. A stream
+restarts with a new ``attempt`` (a retry) or, after a worker crash, with a new ``chat_id`` (the
+redelivered request counts its attempts from 1 again).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ class TailRenderer:
 
     conversation: str | None = None
     _line_owner: str | None = None
-    _seen: set[tuple[str, int, int]] = field(default_factory=set)
-    _attempt: dict[str, int] = field(default_factory=dict)
+    _seen: set[tuple[str, int, str, int]] = field(default_factory=set)
+    _stream: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def on_delta(self, delta: dict[str, Any]) -> str:
         conversation = str(delta.get("conversation_id"))
@@ -78,14 +80,15 @@ class TailRenderer:
             return ""
         request_id = str(delta.get("request_id"))
         attempt, seq = int(delta.get("attempt", 1)), int(delta.get("seq", 0))
-        if (request_id, attempt, seq) in self._seen:
+        stream = (attempt, str(delta.get("chat_id")))
+        if (request_id, *stream, seq) in self._seen:
             return ""  # a redelivered delta: at-least-once means consumers dedupe
-        self._seen.add((request_id, attempt, seq))
+        self._seen.add((request_id, *stream, seq))
         out = self._switch_line(conversation)
-        last_attempt = self._attempt.get(request_id)
-        if last_attempt is not None and attempt > last_attempt:
+        last = self._stream.get(request_id)
+        if last is not None and stream != last:
             out += f" [stream restarted, attempt {attempt}] "
-        self._attempt[request_id] = attempt
+        self._stream[request_id] = stream
         return out + str(delta.get("delta", ""))
 
     def on_response(self, response: dict[str, Any]) -> str:
@@ -93,7 +96,7 @@ class TailRenderer:
         if self.conversation is not None and conversation != self.conversation:
             return ""
         request_id = str(response.get("request_id"))
-        self._attempt.pop(request_id, None)
+        self._stream.pop(request_id, None)
         self._seen = {key for key in self._seen if key[0] != request_id}
         if response.get("status") == "completed":
             status = f"completed, {response.get('delta_count')} deltas"
