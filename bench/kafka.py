@@ -15,8 +15,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from worker.console import assign_all
 
 #: How long the broker may hold the reader's fetch while there is no new record.
 READ_WAIT_MS = 20
@@ -113,20 +115,9 @@ class OutputReader:
         self._consumer = consumer
         await consumer.start()
         topics = self._topics
-        partitions: list[TopicPartition] = []
-        for name in (topics.deltas, topics.responses, topics.dlq):
-            found: set[int] | None = None
-            for _ in range(100):
-                found = consumer.partitions_for_topic(name)
-                if found:
-                    break
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.2)
-            if not found:
-                raise RuntimeError(f"topic {name} does not exist")
-            partitions += [TopicPartition(name, p) for p in sorted(found)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        await assign_all(
+            consumer, [topics.deltas, topics.responses, topics.dlq], from_beginning=True
+        )
         self._task = asyncio.create_task(self._run(consumer))
         return self
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.config import Settings
+from worker.errors import ConfigError
 from worker.topics import kafka_client_kwargs
 
 
@@ -138,8 +139,10 @@ async def tail(
     renderer = TailRenderer(conversation)
     responses = 0
     try:
-        await _assign_all(
-            consumer, [settings.topic_deltas, settings.topic_responses], from_beginning
+        await assign_all(
+            consumer,
+            [settings.topic_deltas, settings.topic_responses],
+            from_beginning=from_beginning,
         )
         if on_ready is not None:
             on_ready()
@@ -164,17 +167,34 @@ async def tail(
     return responses
 
 
-async def _assign_all(consumer: AIOKafkaConsumer, topics: list[str], from_beginning: bool) -> None:
-    """Assign every partition and fix the start position before returning (no race with send)."""
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, *, timeout_s: float = 20.0
+) -> list[TopicPartition]:
+    """Every partition of ``topic``, once the consumer's metadata knows it.
+
+    A topic that does not appear within ``timeout_s`` is a ``ConfigError`` naming it, instead of
+    a consumer that silently reads nothing.
+    """
+    for _ in range(max(1, int(timeout_s / 0.2))):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        await consumer._client.force_metadata_update()
+        await asyncio.sleep(0.2)
+    raise ConfigError(f"topic {topic!r} does not exist")
+
+
+async def assign_all(
+    consumer: AIOKafkaConsumer, topics: list[str], *, from_beginning: bool
+) -> list[TopicPartition]:
+    """Assign every partition of ``topics`` and fix the start position before returning.
+
+    The positions are resolved here, so records produced after this returns are never missed
+    (no race between a follower starting and a producer sending).
+    """
     partitions: list[TopicPartition] = []
     for topic in topics:
-        for _ in range(50):
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                break
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.2)
-        partitions += [TopicPartition(topic, p) for p in sorted(found or ())]
+        partitions += await topic_partitions(consumer, topic)
     consumer.assign(partitions)
     if from_beginning:
         await consumer.seek_to_beginning(*partitions)
@@ -182,3 +202,4 @@ async def _assign_all(consumer: AIOKafkaConsumer, topics: list[str], from_beginn
         await consumer.seek_to_end(*partitions)
     for tp in partitions:
         await consumer.position(tp)
+    return partitions

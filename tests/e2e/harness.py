@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import RecordMetadata
+
+from worker.console import assign_all, topic_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_KEY = "sim-test-key-0123456789"
@@ -251,7 +253,7 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[
     )
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in await _partitions_of(consumer, topic)]
+        partitions = await topic_partitions(consumer, topic)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -265,16 +267,6 @@ async def read_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> list[
         return records
     finally:
         await consumer.stop()
-
-
-async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    for _ in range(100):
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return set(found)
-        await consumer._client.force_metadata_update()
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"topic {topic} does not exist")
 
 
 async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
@@ -347,18 +339,7 @@ class OutputReader:
         )
         await self._consumer.start()
         names = [self.topics.deltas, self.topics.responses, self.topics.dlq]
-        partitions: list[TopicPartition] = []
-        for name in names:
-            for _ in range(100):
-                found = self._consumer.partitions_for_topic(name)
-                if found:
-                    break
-                await self._consumer._client.force_metadata_update()
-                await asyncio.sleep(0.2)
-            assert found, f"topic {name} does not exist"
-            partitions += [TopicPartition(name, p) for p in found]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
+        await assign_all(self._consumer, names, from_beginning=True)
         self._task = asyncio.create_task(self._run())
         return self
 
