@@ -17,6 +17,7 @@
 #   LOCAL_KAFKA_LOG_LEVEL        root log4j2 level of the broker log (default WARN)
 #   LOCAL_KAFKA_START_TIMEOUT_S  how long `up` waits for the broker (default 90)
 #   LOCAL_KAFKA_JAVA_OPTS        extra JVM options for format and broker (split on whitespace)
+#   LOCAL_KAFKA_JIT              "c1" (default): the JVM's quick compiler only; "full": C1 and C2
 #   KAFKA_JARS_DIR               where the jars go (default .cache/kafka/<version>/libs)
 #   KAFKA_VERSION, LOG4J_VERSION override the pin below (both together, and only to try another 4.x)
 #
@@ -215,6 +216,15 @@ cmd_up() {
 jvm_command() {
   jvm=(java -Xmx512m -Xms128m -Djava.awt.headless=true "-Djava.io.tmpdir=$RUN_DIR/tmp"
     "-Dlog4j2.configurationFile=$RUN_DIR/log4j2.properties")
+  # C1 only: this broker lives for one test run, demo or bench on a machine it shares. With C2 as
+  # well, the JIT's compiler threads took 55-75% of the broker's CPU for the first minutes of
+  # traffic (0.4-0.55 of a core, measured per thread in /proc during `make bench`), CPU taken
+  # from the worker under test; C1 is done compiling within seconds. A long-lived broker wants C2.
+  case "${LOCAL_KAFKA_JIT:-c1}" in
+    c1) jvm+=(-XX:TieredStopAtLevel=1) ;;
+    full) ;;
+    *) die "LOCAL_KAFKA_JIT must be c1 or full, not '${LOCAL_KAFKA_JIT}'" ;;
+  esac
   local -a extra_opts
   read -r -a extra_opts <<<"${LOCAL_KAFKA_JAVA_OPTS:-}"
   jvm+=("${extra_opts[@]}" -cp "$KAFKA_JARS_DIR/*")
