@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.procs import RUN_DIR, LocalBroker
 from bench.report import render, write_json
-from bench.run import BenchFailure, Context, ScenarioResult, run_scenario, say
+from bench.run import BenchFailure, Context, ScenarioResult, run_scenario, say, warm_up
 from bench.scenarios import QUICK, SCENARIOS, Scenario
 
 #: Other processes' load (cores) above which the table's wall-clock numbers get a warning.
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--profile-worker", action="store_true", help="run the worker under cProfile (.run/*.prof)"
+    )
+    parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="measure on a cold broker (by default a broker the bench starts is warmed up first)",
     )
     parser.add_argument("--timeout-s", type=float, help="per-run limit (default: from the load)")
     return parser
@@ -136,6 +141,8 @@ async def _run_all(
             timeout_s=args.timeout_s,
             broker_pid=None if broker is None else broker.pid,
         )
+        if broker is not None and not args.no_warm_up:
+            await warm_up(ctx)
         results = []
         for scenario in scenarios:
             results.append(await run_scenario(ctx, scenario))

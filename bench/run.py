@@ -23,7 +23,7 @@ import psutil  # type: ignore[import-untyped]  # no stubs in the dev extras
 from bench.check import RequestSpec, build_load, percentile, slice_load, verify
 from bench.kafka import OutputReader, Topics, create_topics, produce, raw_ceiling
 from bench.procs import SIM_KEY, Sampler, ServiceProcess, Simulator, free_port, machine_probe
-from bench.scenarios import Scenario
+from bench.scenarios import WARM_UP, Scenario
 
 
 class BenchFailure(Exception):
@@ -121,6 +121,22 @@ async def run_scenario(ctx: Context, scenario: Scenario) -> ScenarioResult:
         baseline = await run_system(ctx, scenario, "baseline", part)
     ceiling = await run_ceiling(ctx, scenario, load, round(worker.mean_delta_bytes))
     return ScenarioResult(scenario, worker, baseline, ceiling)
+
+
+async def warm_up(ctx: Context) -> None:
+    """Put a fresh broker through the whole pipeline once, untimed, before anything is measured.
+
+    A just-started broker's JVM compiles its hot paths on its first traffic. A broker in service
+    has long done that; one started for the bench would do it while the worker is measured, on
+    the cores the worker, the simulator and the reader share. (``scripts/local-kafka.sh`` keeps
+    that short by running C1 only; see its ``LOCAL_KAFKA_JIT``.) So every path the runs use
+    goes through the broker first: the worker on a small fast load, then the bare producer.
+    """
+    started = time.monotonic()
+    load = build_load(WARM_UP.requests, WARM_UP.conversations)
+    await run_system(ctx, WARM_UP, "worker", load)
+    await run_ceiling(ctx, WARM_UP, load, 160)
+    say(f"broker warmed up in {time.monotonic() - started:.1f} s")
 
 
 def _argv(ctx: Context, system: str, tag: str) -> list[str]:

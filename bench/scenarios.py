@@ -72,6 +72,8 @@ FAST = Scenario(
     partitions=8,
     baseline_fraction=0.02,
 )
+#: Run once, untimed, on a broker the bench started (``bench.run.warm_up``).
+WARM_UP = replace(FAST, name="warm-up", requests=200, conversations=100, reply_tokens=50)
 SCENARIOS = {s.name: s for s in (PACED, FAST)}
 
 #: ``--quick``: a smoke run of the same machinery in a few seconds per system.
