@@ -18,6 +18,7 @@ from typing import Protocol
 
 import structlog
 
+from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
 from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
 from worker.messages import ChatDelta, ChatRequest, ChatResponse, ErrorInfo, Timings
@@ -91,10 +92,10 @@ class _Run:
 class _Attempt:
     """What one attempt produced."""
 
+    acks: DeltaAcks
     chat_id: str | None = None
     session_id: str | None = None
     parts: list[str] = field(default_factory=list)
-    acks: list[Awaitable[object]] = field(default_factory=list)
     seq: int = 0
 
 
@@ -259,7 +260,7 @@ class RequestHandler:
 
     async def _stream_once(self, run: _Run, headers: Headers) -> _Attempt:
         request = run.request
-        attempt = _Attempt()
+        attempt = _Attempt(DeltaAcks(self._metrics.delta_publish_seconds.observe, self._clock))
         stream = self._client.stream_chat(
             self._body(run), request_id=request.request_id, attempt=run.attempts
         )
@@ -272,7 +273,7 @@ class RequestHandler:
                     self._note_event(run, attempt, event)
                     await self._publish(run, attempt, event.delta, headers)
         # The final response may only follow once every delta of this attempt is on the broker.
-        await asyncio.gather(*attempt.acks)
+        await attempt.acks.wait()
         return attempt
 
     def _note_event(self, run: _Run, attempt: _Attempt, event: StreamDelta) -> None:
@@ -330,12 +331,7 @@ class RequestHandler:
             ts=self._wall(),
         )
         received = self._clock()
-        ack = await self._publisher.send_delta(delta, headers)
-        if isinstance(ack, asyncio.Future):
-            ack.add_done_callback(
-                lambda _f: self._metrics.delta_publish_seconds.observe(self._clock() - received)
-            )
-        attempt.acks.append(ack)
+        attempt.acks.add(await self._publisher.send_delta(delta, headers), received)
         attempt.parts.append(text)
         attempt.seq += 1
         run.delta_count += 1
