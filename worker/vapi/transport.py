@@ -5,9 +5,9 @@ chunk. Through httpx's own stack (httpcore, h11, anyio) one chunk passes about t
 async frames; aiohttp parses HTTP with its C parser and hands the chunk over directly. With 200
 streams each sending an event every 50 ms, reading the streams cost ~490 µs of CPU per delta through
 httpx's transport and ~120 µs through this one (``python -m bench``; contended 2-core machine).
-Everything above the wire stays httpx (request building, headers, status, ``VapiClient``'s error
-mapping and deadlines), so the client's behaviour does not change, and tests can still hand the
-client an ``httpx.MockTransport``.
+Everything above the wire stays httpx (``httpx.Request`` and ``Response``, headers, status,
+``VapiClient``'s error mapping and deadlines), so the client's behaviour does not change, and tests
+can still hand the client an ``httpx.MockTransport``.
 
 aiohttp's exceptions become httpx's here, at the boundary, as httpcore's do in httpx's transport:
 
