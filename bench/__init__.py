@@ -7,6 +7,10 @@ the request topic before the worker starts, so it faces a backlog; a separate co
 outputs, and every request must end with exactly one completed response whose deltas arrived in
 seq order and concatenate to its text, or the bench fails (exit 1).
 
+A broker the bench starts itself is warmed up first (one small untimed run through every path),
+as a broker in service would be; the raw ceiling is the best of three runs, so that the share of
+it the worker reaches is not flattered by one slow run.
+
     python -m bench                      # both scenarios with their defaults
     python -m bench --scenario fast --requests 2000
     python -m bench --quick              # a small smoke run of both scenarios

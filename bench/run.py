@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -363,14 +364,40 @@ def _measure(
     )
 
 
+#: The ceiling is the best of this many runs: a denominator measured low would flatter the worker.
+CEILING_RUNS = 3
+
+
 async def run_ceiling(
     ctx: Context, scenario: Scenario, load: Sequence[RequestSpec], record_bytes: int
 ) -> CeilingResult:
-    """The bare producer: one delta-sized record per delta of the load, keyed as the worker's."""
-    topic = f"bench-{ctx.run_id}-{scenario.name}-ceiling"
-    await create_topics(ctx.bootstrap, [topic], scenario.partitions)
+    """The bare producer: one delta-sized record per delta of the load, keyed as the worker's.
+
+    Best of ``CEILING_RUNS``, each on a fresh topic. The reader's records of the run before are
+    frozen out of this process's cyclic GC first: a full collection over 100,000 of them during
+    a two-second run once halved the ceiling.
+    """
     keys = _delta_keys(load, scenario.reply_tokens)
     value = _delta_value(record_bytes)
+    gc.collect()
+    gc.freeze()
+    try:
+        runs = [
+            await _ceiling_once(ctx, scenario, keys, value, index) for index in range(CEILING_RUNS)
+        ]
+    finally:
+        gc.unfreeze()
+    best = max(runs, key=lambda run: run.deltas_per_s)
+    rates = ", ".join(f"{run.deltas_per_s:,.0f}" for run in runs)
+    say(f"{scenario.name}/ceiling: {len(keys)} records of {len(value)} bytes; records/s {rates}")
+    return best
+
+
+async def _ceiling_once(
+    ctx: Context, scenario: Scenario, keys: list[bytes], value: bytes, index: int
+) -> CeilingResult:
+    topic = f"bench-{ctx.run_id}-{scenario.name}-ceiling-{index}"
+    await create_topics(ctx.bootstrap, [topic], scenario.partitions)
     broker = None
     if ctx.broker_pid is not None:
         with contextlib.suppress(psutil.Error):
@@ -385,7 +412,6 @@ async def run_ceiling(
         if broker is not None:
             broker.stop()
     ended = started + seconds
-    say(f"{scenario.name}/ceiling: {len(keys)} records of {len(value)} bytes in {seconds:.2f} s")
     return CeilingResult(
         len(keys),
         len(value),
