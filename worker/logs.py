@@ -38,12 +38,16 @@ LIBRARY_LOGGERS: Final = ("faust", "mode", "aiokafka", "aiohttp", "httpx", "http
 _HANDLER_NAME: Final = "worker.logs"
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+")
 _secrets: set[str] = set()
+#: The secrets, longest first (a secret containing another is masked whole).
+_secrets_longest_first: tuple[str, ...] = ()
 
 
 def register_secret(value: str) -> None:
     """Have every later log line show ``***`` wherever ``value`` appears."""
+    global _secrets_longest_first
     if value:
         _secrets.add(value)
+        _secrets_longest_first = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def redact(value: object) -> object:
@@ -60,9 +64,12 @@ def redact(value: object) -> object:
 def _redact_text(text: str) -> str:
     if text in _secrets:
         return MASK
-    for secret in sorted(_secrets, key=len, reverse=True):
+    for secret in _secrets_longest_first:
         if secret in text:
             text = text.replace(secret, MASK)
+    # Every line's every string passes here: run the regex only where it can match.
+    if "bearer" not in text.lower():
+        return text
     return _BEARER.sub(rf"\1 {MASK}", text)
 
 

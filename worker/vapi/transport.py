@@ -25,6 +25,7 @@ Timeouts come from the request, as httpx sets them (``request.extensions["timeou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             response = await session.request(
                 request.method,
-                URL(str(request.url), encoded=True),
+                _yarl_url(str(request.url)),
                 headers=headers,
                 data=await request.aread(),
                 allow_redirects=False,
@@ -101,6 +102,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+@functools.lru_cache(maxsize=64)
+def _yarl_url(url: str) -> URL:
+    # The worker calls one URL all day: parse it for aiohttp once, not per call.
+    return URL(url, encoded=True)
 
 
 def _extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
