@@ -54,6 +54,9 @@ def redact(value: object) -> object:
     """``value`` with registered secrets and bearer tokens masked, inside containers too."""
     if isinstance(value, str):
         return _redact_text(value)
+    if value is None or isinstance(value, int | float):
+        # Most values of a line are numbers: they skip the costly ``Mapping`` (ABC) check.
+        return value
     if isinstance(value, Mapping):
         return {key: redact(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
