@@ -24,7 +24,7 @@ from pydantic import SecretStr
 
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
-from worker.pipeline import HandlerSettings, RequestHandler
+from worker.pipeline import DELTA_COUNT_BATCH, HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.simulator.server import RunningSimulator, SimulatorConfig, serve_simulator
 from worker.state import ConversationState
@@ -405,6 +405,20 @@ async def test_disconnect_mid_stream_starts_attempt_two_from_seq_zero(make_rig: 
     # Published in order: all of attempt 1, then all of attempt 2.
     assert [d.attempt for d in rig.publisher.deltas] == [1] * 3 + [2] * response.delta_count
     assert rig.sample("chat_worker_retries_total", reason="stream_broken") == 1
+
+
+async def test_every_published_delta_is_counted_across_batches_and_attempts(
+    make_rig: MakeRig,
+) -> None:
+    """deltas_total is added to in batches, and each attempt's remainder at its end, failed too."""
+    rig = await make_rig()
+    tokens = DELTA_COUNT_BATCH + 5
+    response = await rig.run(
+        f"[[sim:pace tokens={tokens}]] [[sim:fault disconnect after=3 times=1]]"
+    )
+    _assert_completed(rig, response, attempts=2)
+    assert len(rig.publisher.deltas) == 3 + tokens
+    assert rig.sample("chat_worker_deltas_total") == 3 + tokens
 
 
 async def test_stall_times_out_and_a_new_attempt_completes(make_rig: MakeRig) -> None:
