@@ -180,35 +180,49 @@ async def run_system(
     )
     watch = _Watch.start(ctx)
     try:
-        async with OutputReader(ctx.bootstrap, topics) as reader, _no_collector_pauses():
-            process = ServiceProcess(
-                _argv(ctx, system, tag),
-                _environment(ctx, scenario, topics, simulator, system),
-                ctx.run_dir / f"{tag}.log",
-                system,
-            ).start()
-            try:
-                started = time.monotonic()
-                await _wait_for_responses(
-                    reader, process, len(load), _timeout_s(ctx, scenario, system, load)
-                )
-                say(
-                    f"{scenario.name}/{system}: all {len(load)} responses read after "
-                    f"{time.monotonic() - started:.1f} s"
-                )
-                await asyncio.sleep(0.3)  # one more CPU/RSS sample after the last response
-                stats, times, calls = await asyncio.to_thread(_simulator_records, simulator)
-            finally:
-                code = await asyncio.to_thread(process.stop)
-                if code not in (0, -15, None):
-                    say(f"{system} exited with {code}; log: {process.log_path}")
-            outputs = reader.outputs
+        with _no_collector_pauses():
+            outputs, records, process = await _run_process(
+                ctx, scenario, system, tag, topics, simulator, load
+            )
     finally:
         await asyncio.to_thread(simulator.stop)
         watch.stop()
-    return _measure(
-        scenario, system, load, outputs, (stats, times, calls), process, simulator, watch
-    )
+    return _measure(scenario, system, load, outputs, records, process, simulator, watch)
+
+
+async def _run_process(
+    ctx: Context,
+    scenario: Scenario,
+    system: str,
+    tag: str,
+    topics: Topics,
+    simulator: Simulator,
+    load: Sequence[RequestSpec],
+) -> tuple[Any, SimRecords, ServiceProcess]:
+    """Start ``system`` with the reader on its outputs; return once every response is read."""
+    async with OutputReader(ctx.bootstrap, topics) as reader:
+        process = ServiceProcess(
+            _argv(ctx, system, tag),
+            _environment(ctx, scenario, topics, simulator, system),
+            ctx.run_dir / f"{tag}.log",
+            system,
+        ).start()
+        try:
+            started = time.monotonic()
+            await _wait_for_responses(
+                reader, process, len(load), _timeout_s(ctx, scenario, system, load)
+            )
+            say(
+                f"{scenario.name}/{system}: all {len(load)} responses read after "
+                f"{time.monotonic() - started:.1f} s"
+            )
+            await asyncio.sleep(0.3)  # one more CPU/RSS sample after the last response
+            records = await asyncio.to_thread(_simulator_records, simulator)
+        finally:
+            code = await asyncio.to_thread(process.stop)
+            if code not in (0, -15, None):
+                say(f"{system} exited with {code}; log: {process.log_path}")
+        return reader.outputs, records, process
 
 
 @contextlib.contextmanager
