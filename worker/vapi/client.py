@@ -27,8 +27,8 @@ timer, unlike wrapping every read in ``asyncio.timeout``. The stall clock runs o
 generator waits for Vapi, not while the caller handles a delta (publishing it to Kafka), so a slow
 consumer is never mistaken for a stalled Vapi; the whole-request deadline counts both.
 
-Cancellation: if the consuming task is cancelled while waiting here, httpcore closes the connection
-on the way out and the response is closed. If it is cancelled elsewhere, the generator is closed by
+Cancellation: if the consuming task is cancelled while waiting here, the response is closed on the
+way out, and a body not read to its end closes its connection (``worker.vapi.transport``). If it is cancelled elsewhere, the generator is closed by
 ``aclosing`` (use it: an abandoned async generator is only closed when garbage-collected).
 
 The API key lives in the ``Authorization`` default header (httpx masks it in reprs) and is scrubbed
@@ -104,7 +104,7 @@ class VapiTimeouts:
 
 
 class VapiClient:
-    """Streams Vapi chat replies over one pooled ``httpx.AsyncClient``."""
+    """Streams Vapi chat replies over one pooled transport (aiohttp's, by default)."""
 
     def __init__(
         self,
