@@ -28,8 +28,9 @@ generator waits for Vapi, not while the caller handles a delta (publishing it to
 consumer is never mistaken for a stalled Vapi; the whole-request deadline counts both.
 
 Cancellation: if the consuming task is cancelled while waiting here, the response is closed on the
-way out, and a body not read to its end closes its connection (``worker.vapi.transport``). If it is cancelled elsewhere, the generator is closed by
-``aclosing`` (use it: an abandoned async generator is only closed when garbage-collected).
+way out, and a body not read to its end closes its connection (``worker.vapi.transport``). If it
+is cancelled elsewhere, the generator is closed by ``aclosing`` (use it: an abandoned async
+generator is only closed when garbage-collected).
 
 The API key lives in the ``Authorization`` default header (httpx masks it in reprs) and is scrubbed
 from any server text that ends up in an exception message.
