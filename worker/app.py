@@ -36,7 +36,6 @@ from worker.messages import (
     ChatResponse,
     dead_letter_headers,
     decode_request,
-    output_headers,
 )
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, RequestHandler
@@ -88,7 +87,7 @@ class KafkaPublisher:
             delta.encode(),
             key=key,
             partition=partition,
-            headers=output_headers(ChatDelta.SCHEMA, headers),
+            headers=headers,
         )
         if partition is None:
             # After a send, so the topic's metadata is known; same partitioner, same answer.
@@ -111,7 +110,7 @@ class KafkaPublisher:
             response.encode(),
             None,
             None,
-            output_headers(ChatResponse.SCHEMA, headers),
+            list(headers),
         )
         # Faust flushes before committing but never surfaces a failed send: await this one.
         await fut

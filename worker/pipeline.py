@@ -21,7 +21,14 @@ import structlog
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
 from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
-from worker.messages import ChatDelta, ChatRequest, ChatResponse, ErrorInfo, Timings
+from worker.messages import (
+    ChatDelta,
+    ChatRequest,
+    ChatResponse,
+    ErrorInfo,
+    Timings,
+    output_headers,
+)
 from worker.metrics import WorkerMetrics
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.state import ConversationState
@@ -45,7 +52,7 @@ class ChatStreamer(Protocol):
 
 
 class OutputPublisher(Protocol):
-    """Where deltas and responses go (``app.KafkaPublisher``)."""
+    """Where deltas and responses go (``app.KafkaPublisher``), with the record headers given."""
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
         """Hand the delta to the producer; the returned awaitable resolves on the broker's ack."""
@@ -160,13 +167,16 @@ class RequestHandler:
             context_reset=request.reset_context and state.chat_id is not None,
         )
         self._metrics.queue_wait_seconds.observe(now - queued_at)
-        outcome = await self._run_attempts(run, trace_headers)
+        # The same headers go on every delta of the request: built once, not per delta.
+        outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
         self._record_outcome(run, outcome.response)
         return outcome
 
     async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
         """Publish the one final response and wait for the broker's ack."""
-        await self._publisher.send_response(outcome.response, trace_headers)
+        await self._publisher.send_response(
+            outcome.response, output_headers(ChatResponse.SCHEMA, trace_headers)
+        )
 
     async def _run_attempts(self, run: _Run, headers: Headers) -> Outcome:
         deadline = run.started + self._settings.request_deadline_s

@@ -74,6 +74,9 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.deltas: list[ChatDelta] = []
         self.responses: list[ChatResponse] = []
+        #: The record headers each delta and each response was sent with, in order.
+        self.delta_headers: list[list[tuple[str, bytes]]] = []
+        self.response_headers: list[list[tuple[str, bytes]]] = []
         self._holds: dict[str, asyncio.Event] = {}
         self._arrived: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
@@ -81,6 +84,7 @@ class RecordingPublisher:
         self, delta: ChatDelta, headers: Sequence[tuple[str, bytes]]
     ) -> Awaitable[object]:
         self.deltas.append(delta)
+        self.delta_headers.append(list(headers))
         self._arrived[delta.request_id].set()
         hold = self._holds.get(delta.request_id)
         if hold is not None:
@@ -93,6 +97,7 @@ class RecordingPublisher:
         self, response: ChatResponse, headers: Sequence[tuple[str, bytes]]
     ) -> None:
         self.responses.append(response)
+        self.response_headers.append(list(headers))
 
     def hold(self, request_id: str) -> None:
         self._holds[request_id] = asyncio.Event()
@@ -405,6 +410,28 @@ async def test_disconnect_mid_stream_starts_attempt_two_from_seq_zero(make_rig: 
     # Published in order: all of attempt 1, then all of attempt 2.
     assert [d.attempt for d in rig.publisher.deltas] == [1] * 3 + [2] * response.delta_count
     assert rig.sample("chat_worker_retries_total", reason="stream_broken") == 1
+
+
+async def test_deltas_and_the_response_carry_schema_and_allowlisted_trace_headers(
+    make_rig: MakeRig,
+) -> None:
+    rig = await make_rig()
+    request = ChatRequest.model_validate(
+        {"request_id": "req-h", "conversation_id": CONVERSATION, "input": "hi"}
+    )
+    trace = [("traceparent", b"00-abc-def-01"), ("x-secret", b"not echoed")]
+    outcome = await rig.handler.handle(
+        request, ConversationState(), queued_at=rig.time.clock(), trace_headers=trace
+    )
+    await rig.handler.publish(outcome, trace)
+    content_type = ("content-type", b"application/json")
+    traceparent = ("traceparent", b"00-abc-def-01")
+    assert rig.publisher.delta_headers
+    for headers in rig.publisher.delta_headers:
+        assert headers == [content_type, ("schema", b"chat.delta.v1"), traceparent]
+    assert rig.publisher.response_headers == [
+        [content_type, ("schema", b"chat.response.v1"), traceparent]
+    ]
 
 
 async def test_every_published_delta_is_counted_across_batches_and_attempts(
