@@ -227,7 +227,7 @@ async def _run_process(
 
 @contextlib.contextmanager
 def _no_collector_pauses() -> Iterator[None]:
-    """No cyclic garbage collection in this process while the reader times the outputs.
+    """No cyclic garbage collection in this process while it times outputs or the ceiling.
 
     The reader keeps every output record for the checks, which a downstream consumer would not:
     with 100,000 of them a full collection paused this process for 50 ms and more, and every
@@ -405,20 +405,15 @@ async def run_ceiling(
 ) -> CeilingResult:
     """The bare producer: one delta-sized record per delta of the load, keyed as the worker's.
 
-    Best of ``CEILING_RUNS``, each on a fresh topic. The reader's records of the run before are
-    frozen out of this process's cyclic GC first: a full collection over 100,000 of them during
-    a two-second run once halved the ceiling.
+    Best of ``CEILING_RUNS``, each on a fresh topic, without collector pauses: a full collection
+    over the 100,000 records the reader kept from the run before once halved a ceiling run.
     """
     keys = _delta_keys(load, scenario.reply_tokens)
     value = _delta_value(record_bytes)
-    gc.collect()
-    gc.freeze()
-    try:
+    with _no_collector_pauses():
         runs = [
             await _ceiling_once(ctx, scenario, keys, value, index) for index in range(CEILING_RUNS)
         ]
-    finally:
-        gc.unfreeze()
     best = max(runs, key=lambda run: run.deltas_per_s)
     rates = ", ".join(f"{run.deltas_per_s:,.0f}" for run in runs)
     say(f"{scenario.name}/ceiling: {len(keys)} records of {len(value)} bytes; records/s {rates}")
