@@ -22,6 +22,7 @@ from worker.simulator.events import DONE_EVENT, delta_event
 from worker.simulator.faults import FaultRule
 from worker.simulator.replies import split_tokens
 from worker.simulator.server import RunningSimulator, SimulatorConfig, serve_simulator
+from worker.simulator.streaming import FLAT_OUT_WRITE_BYTES, ReplyStream
 
 pytestmark = pytest.mark.component
 
@@ -154,6 +155,72 @@ async def test_stream_bytes_are_exactly_vapis_framing(client: httpx.AsyncClient)
         + chat_id.encode()
         + b'","path":"chat.output[0].content","delta":"Reply "}\n\n'
     )
+
+
+def record_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every write a reply stream makes, in order."""
+    writes: list[bytes] = []
+    original = ReplyStream._write
+
+    async def recording(self: ReplyStream, data: bytes) -> None:
+        writes.append(data)
+        await original(self, data)
+
+    monkeypatch.setattr(ReplyStream, "_write", recording)
+    return writes
+
+
+async def test_flat_out_deltas_share_writes_with_the_same_bytes(
+    client: httpx.AsyncClient, sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no delay, events due together go out in writes of about FLAT_OUT_WRITE_BYTES."""
+    writes = record_writes(monkeypatch)
+    body = chat_body("x [[sim:pace first_ms=0 delay_ms=0 tokens=300]]")
+    _, raw = await stream_raw(client, body)
+    chat_id = events(raw)[0]["id"]
+    tokens = split_tokens(sim.state.chats[chat_id].output[0]["content"])
+    assert len(tokens) == 300
+    assert raw == b"".join(delta_event(chat_id, token) for token in tokens)
+    assert b"".join(writes) == raw
+    # Split at event boundaries; each write but the last is the first one to reach the size.
+    assert all(write.endswith(b"\n\n") for write in writes)
+    longest_event = max(len(delta_event(chat_id, token)) for token in tokens)
+    assert all(
+        FLAT_OUT_WRITE_BYTES <= len(write) < FLAT_OUT_WRITE_BYTES + longest_event
+        for write in writes[:-1]
+    )
+    assert 1 < len(writes) <= len(raw) // FLAT_OUT_WRITE_BYTES + 1
+    assert sim.state.calls[-1].deltas_sent == 300
+
+
+async def test_paced_deltas_are_written_one_by_one(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a delay between tokens every event is its own write, when it is due."""
+    writes = record_writes(monkeypatch)
+    _, raw = await stream_raw(client, chat_body("x [[sim:pace delay_ms=1 tokens=8]]"))
+    assert writes == [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+
+
+async def test_faults_land_at_their_position_in_a_flat_out_stream(
+    client: httpx.AsyncClient, sim: RunningSimulator
+) -> None:
+    """A flat-out stream is cut before a fault: ``disconnect after=150`` sends exactly 150."""
+    pace, fault = (
+        "[[sim:pace first_ms=0 delay_ms=0 tokens=300]]",
+        "[[sim:fault disconnect after=150]]",
+    )
+    received = bytearray()
+
+    async def read() -> None:
+        async with client.stream("POST", "/chat", json=chat_body(f"x {pace} {fault}")) as response:
+            async for chunk in response.aiter_raw():
+                received.extend(chunk)
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        await read()
+    assert len(events(bytes(received))) == 150
+    assert sim.state.calls[-1].deltas_sent == 150
 
 
 async def test_deltas_concatenate_to_the_stored_reply(
