@@ -120,6 +120,20 @@ async def test_wait_returns_once_all_are_acknowledged() -> None:
     await asyncio.wait_for(waiter, 1)
 
 
+async def test_wait_watches_only_the_last_when_acks_come_in_order() -> None:
+    acks, _, _ = _tracker()
+    futures = [CountingFuture() for _ in range(50)]
+    for fut in futures:
+        acks.add(fut, received_at=100.0)
+    CountingFuture.callbacks_added = 0
+    waiter = asyncio.create_task(acks.wait())
+    await _settle()
+    assert CountingFuture.callbacks_added == 1  # the last one, not all fifty
+    for fut in futures:
+        fut.set_result(None)
+    await asyncio.wait_for(waiter, 1)
+
+
 async def test_wait_raises_the_first_failure_in_send_order_and_retrieves_all() -> None:
     acks, observed, _ = _tracker()
     loop = asyncio.get_running_loop()
