@@ -42,6 +42,30 @@ class StreamPlan:
     record_times: bool = False
 
 
+class _HeldEvents:
+    """Delta events due but not yet written; counted as sent once their write is done."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.count = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def add(self, event: bytes) -> None:
+        self.data += event
+        self.count += 1
+
+    def take(self) -> tuple[bytes, int]:
+        taken = (bytes(self.data), self.count)
+        self.data.clear()
+        self.count = 0
+        return taken
+
+
 class ReplyStream:
     """Sends one planned reply over one HTTP response."""
 
@@ -68,18 +92,19 @@ class ReplyStream:
         return self._response
 
     async def _send_all(self, on_complete: Callable[[], None]) -> None:
-        plan, pending = self._plan, bytearray()
+        plan, held = self._plan, _HeldEvents()
         for index, token in enumerate(plan.tokens):
             delay = plan.first_delay_s if index == 0 else plan.delay_s
-            if delay > 0 or len(pending) >= FLAT_OUT_WRITE_BYTES or self._faults_at(index):
-                await self._flush(pending)
-                if await self._disturb(index):
+            faults = self._faults_due(index)
+            if delay > 0 or held.size >= FLAT_OUT_WRITE_BYTES or faults:
+                await self._flush(held)
+                if await self._disturb(faults):
                     return
                 # A zero delay still yields, once per write, so flat-out streams take turns.
                 await asyncio.sleep(delay)
-            pending += self._delta_bytes(token)
-        await self._flush(pending)
-        if await self._disturb(len(plan.tokens)):
+            held.add(self._delta_event(token))
+        await self._flush(held)
+        if await self._disturb(self._faults_due(len(plan.tokens))):
             return
         on_complete()
         if plan.done_marker:
@@ -87,33 +112,30 @@ class ReplyStream:
         await self._response.write_eof()
         self._call.outcome = "completed"
 
-    def _delta_bytes(self, token: str) -> bytes:
+    def _delta_event(self, token: str) -> bytes:
         plan = self._plan
         if plan.record_times:
             self._state.delta_times.setdefault(plan.chat_id, []).append(time.time())
-        self._call.deltas_sent += 1
         return delta_event(plan.chat_id, token, plan.session_id)
 
-    async def _flush(self, pending: bytearray) -> None:
-        if pending:
-            data = bytes(pending)
-            pending.clear()
+    async def _flush(self, held: _HeldEvents) -> None:
+        if held.count:
+            data, count = held.take()
             await self._write(data)
+            self._call.deltas_sent += count
 
     async def _write(self, data: bytes) -> None:
         await self._response.write(data)
         await self._request.writer.drain()
 
-    def _faults_at(self, position: int) -> bool:
+    def _faults_due(self, position: int) -> list[InStreamFault]:
+        """The faults to apply after ``position`` deltas (``after`` is clamped to the last)."""
         last = len(self._plan.tokens)
-        return any(min(fault.after, last) == position for fault in self._plan.faults)
+        return [fault for fault in self._plan.faults if min(fault.after, last) == position]
 
-    async def _disturb(self, position: int) -> bool:
-        """Apply the faults due after ``position`` deltas; True when the connection was dropped."""
-        last = len(self._plan.tokens)
-        for fault in self._plan.faults:
-            if min(fault.after, last) != position:
-                continue
+    async def _disturb(self, faults: list[InStreamFault]) -> bool:
+        """Apply ``faults`` in order; True when the connection was dropped."""
+        for fault in faults:
             if isinstance(fault, StallFault):
                 await asyncio.sleep(fault.seconds)
             elif isinstance(fault, MalformedFault):
