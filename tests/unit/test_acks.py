@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -21,6 +22,17 @@ def _tracker() -> tuple[DeltaAcks, list[float], Clock]:
     observed: list[float] = []
     clock = Clock()
     return DeltaAcks(observed.append, clock), observed, clock
+
+
+def _track(
+    acks: DeltaAcks, count: int, make: Callable[[], asyncio.Future[object]] | None = None
+) -> list[asyncio.Future[object]]:
+    """``count`` unacknowledged sends, each received at 100.0, added to ``acks`` in order."""
+    make = make or asyncio.get_running_loop().create_future
+    futures = [make() for _ in range(count)]
+    for fut in futures:
+        acks.add(fut, received_at=100.0)
+    return futures
 
 
 async def _settle() -> None:
@@ -57,10 +69,8 @@ class CountingFuture(asyncio.Future[object]):
 
 async def test_one_callback_per_batch_not_per_delta() -> None:
     acks, observed, _ = _tracker()
-    futures = [CountingFuture() for _ in range(100)]
     CountingFuture.callbacks_added = 0
-    for fut in futures:
-        acks.add(fut, received_at=100.0)
+    futures = _track(acks, 100, CountingFuture)
     assert CountingFuture.callbacks_added == 1  # only the oldest unacknowledged one is watched
     for fut in futures[:60]:  # one batch
         fut.set_result(None)
@@ -107,10 +117,7 @@ async def test_added_after_everything_was_acknowledged_is_watched_again() -> Non
 
 async def test_wait_returns_once_all_are_acknowledged() -> None:
     acks, _, _ = _tracker()
-    loop = asyncio.get_running_loop()
-    futures = [loop.create_future() for _ in range(3)]
-    for fut in futures:
-        acks.add(fut, received_at=100.0)
+    futures = _track(acks, 3)
     waiter = asyncio.create_task(acks.wait())
     futures[0].set_result(None)
     futures[2].set_result(None)
@@ -122,9 +129,7 @@ async def test_wait_returns_once_all_are_acknowledged() -> None:
 
 async def test_wait_watches_only_the_last_when_acks_come_in_order() -> None:
     acks, _, _ = _tracker()
-    futures = [CountingFuture() for _ in range(50)]
-    for fut in futures:
-        acks.add(fut, received_at=100.0)
+    futures = _track(acks, 50, CountingFuture)
     CountingFuture.callbacks_added = 0
     waiter = asyncio.create_task(acks.wait())
     await _settle()
@@ -136,10 +141,7 @@ async def test_wait_watches_only_the_last_when_acks_come_in_order() -> None:
 
 async def test_wait_raises_the_first_failure_in_send_order_and_retrieves_all() -> None:
     acks, observed, _ = _tracker()
-    loop = asyncio.get_running_loop()
-    futures = [loop.create_future() for _ in range(4)]
-    for fut in futures:
-        acks.add(fut, received_at=100.0)
+    futures = _track(acks, 4)
     futures[0].set_result(None)
     futures[3].set_exception(RuntimeError("second failure"))
     futures[1].set_exception(ValueError("first failure"))
