@@ -30,6 +30,7 @@ from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
 
 from worker.config import Settings
+from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError
 from worker.messages import (
     ChatDelta,
@@ -517,6 +518,7 @@ def build_worker(
         Table=StateTable,
     )
     cast(Any, app.transport).Producer = IdempotentProducer
+    cast(Any, app.transport).Consumer = RewindingConsumer
 
     requests_topic = app.topic(
         settings.topic_requests,
