@@ -43,7 +43,7 @@ from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
-from worker.state import ConversationStore, StateTable
+from worker.state import ConversationStore, SourcePosition, StateTable
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
@@ -170,6 +170,13 @@ class Job:
     def start(self, ticket: Ticket[Job]) -> None:
         self.ticket = ticket
         self.go.set()
+
+
+def source_position(message: Any) -> SourcePosition | None:
+    """Where a request record sits in its topic; None for a record without a timestamp."""
+    if message.timestamp is None or message.timestamp < 0:
+        return None
+    return SourcePosition(message.partition, message.offset, round(message.timestamp * 1000))
 
 
 class Dispatcher:
@@ -308,9 +315,10 @@ class Dispatcher:
             request_id=request.request_id, conversation_id=request.conversation_id
         )
         state = self._store.get(request.conversation_id)
-        if state.has_finished(request.request_id):
+        source = source_position(job.event.message)
+        if state.has_finished(request.request_id, source):
             self._metrics.requests_total.labels(outcome="duplicate").inc()
-            log.info("duplicate request skipped")
+            log.info("duplicate request skipped", offset=job.event.message.offset)
             return
         self._metrics.in_flight.inc()
         try:
@@ -326,6 +334,7 @@ class Dispatcher:
             outcome.chat_id,
             outcome.session_id,
             keep=self._settings.worker_completed_ids_kept,
+            source=source,
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 

@@ -1,9 +1,12 @@
 """Conversation state: what the worker remembers per conversation, and its pure transitions.
 
 One entry per conversation in the ``chat-state`` Faust table (changelog-backed, co-partitioned with
-the request topic): the Vapi chat id the next turn continues from, and the ids of recently finished
-requests, so that a redelivered request (after a crash or rebalance) is recognised and not sent to
-Vapi again. ``ConversationStore`` is the thin wrapper over the table; everything else is pure.
+the request topic): the Vapi chat id the next turn continues from, where in the request topic its
+newest finished request sits, and the ids of recently finished requests. A redelivered request
+(after a crash or rebalance) is recognised by its position and not sent to Vapi again, however
+many records lie between it and the committed offset; the ids catch a producer that sends the
+same request twice. ``ConversationStore`` is the thin wrapper over the table; everything else is
+pure.
 """
 
 from __future__ import annotations
@@ -16,31 +19,112 @@ from faust.streams import current_event
 
 
 @dataclass(frozen=True, slots=True)
+class SourcePosition:
+    """Where request records sit in the request topic: partition, offset, timestamp in ms."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+    def covers(self, record: SourcePosition) -> bool:
+        """True when ``record`` is at or before this position: same partition, offset, time.
+
+        The timestamp tells a redelivery from a record of a request topic that was deleted and
+        created again (its offsets restart at 0): a redelivered record keeps the timestamp it
+        was produced with, at most the newest one finished, while a record of the new topic was
+        produced after every record of the old one.
+        """
+        return (
+            record.partition == self.partition
+            and record.offset <= self.offset
+            and record.timestamp_ms <= self.timestamp_ms
+        )
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp_ms": self.timestamp_ms,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> SourcePosition | None:
+        """Read a stored position; anything unreadable counts as "no position known"."""
+        if not isinstance(value, dict):
+            return None
+        fields: list[int] = []
+        for name in ("partition", "offset", "timestamp_ms"):
+            field_value = value.get(name)
+            if not isinstance(field_value, int) or isinstance(field_value, bool) or field_value < 0:
+                return None
+            fields.append(field_value)
+        partition, offset, timestamp_ms = fields
+        return cls(partition, offset, timestamp_ms)
+
+
+@dataclass(frozen=True, slots=True)
 class ConversationState:
-    """The table value of one conversation."""
+    """The table value of one conversation.
+
+    ``last_finished`` holds the partition and offset of the conversation's newest finished
+    request, and the newest timestamp among the requests finished since that offset series
+    began. A conversation's records are all in one partition and run one at a time in offset
+    order, so every record of it at or before that position has finished too.
+    """
 
     chat_id: str | None = None
     session_id: str | None = None
     finished: tuple[str, ...] = field(default=())
+    last_finished: SourcePosition | None = None
 
-    def has_finished(self, request_id: str) -> bool:
-        """True when a final response for ``request_id`` was already published."""
-        return request_id in self.finished
+    def has_finished(self, request_id: str, source: SourcePosition | None = None) -> bool:
+        """True when a final response for this request was already published.
+
+        ``source`` is the position of the record being handled: a record at or before
+        ``last_finished`` has finished, however old; a request id among the newest finished ones
+        has too (a producer that sent the same request twice).
+        """
+        if request_id in self.finished:
+            return True
+        return (
+            source is not None
+            and self.last_finished is not None
+            and self.last_finished.covers(source)
+        )
 
     def after_request(
-        self, request_id: str, chat_id: str | None, session_id: str | None, *, keep: int
+        self,
+        request_id: str,
+        chat_id: str | None,
+        session_id: str | None,
+        *,
+        keep: int,
+        source: SourcePosition | None = None,
     ) -> ConversationState:
-        """The state once ``request_id`` has its final response.
+        """The state once ``request_id``, read at ``source``, has its final response.
 
         A failed request keeps the old chat id (``chat_id`` None): the next turn continues from the
         last turn that worked. Only the newest ``keep`` request ids are remembered, which bounds the
-        table value; a redelivery older than that is not recognised (documented limit).
+        table value. A record past ``last_finished`` moves it forward, keeping the newest
+        timestamp; any other record (another partition, or a lower offset that is no redelivery:
+        the topic started over) starts the position afresh. Without ``source`` it stays.
         """
         finished = (*self.finished, request_id)[-keep:]
         return ConversationState(
             chat_id=chat_id if chat_id is not None else self.chat_id,
             session_id=session_id if session_id is not None else self.session_id,
             finished=finished,
+            last_finished=self._position_after(source),
+        )
+
+    def _position_after(self, source: SourcePosition | None) -> SourcePosition | None:
+        last = self.last_finished
+        if source is None:
+            return last
+        if last is None or source.partition != last.partition or source.offset <= last.offset:
+            return source
+        return SourcePosition(
+            source.partition, source.offset, max(source.timestamp_ms, last.timestamp_ms)
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -48,6 +132,7 @@ class ConversationState:
             "chat_id": self.chat_id,
             "session_id": self.session_id,
             "finished": list(self.finished),
+            "last_finished": None if self.last_finished is None else self.last_finished.to_json(),
         }
 
     @classmethod
@@ -64,6 +149,7 @@ class ConversationState:
             finished=tuple(r for r in finished if isinstance(r, str))
             if isinstance(finished, list)
             else (),
+            last_finished=SourcePosition.from_json(value.get("last_finished")),
         )
 
 
