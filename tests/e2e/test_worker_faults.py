@@ -590,6 +590,39 @@ async def test_two_sigkills_on_the_same_request_still_end_in_one_final(
     assert len(cut) == 2, f"expected both kills to cut {long_turn}: {cut}"
 
 
+@pytest.mark.timeout(300)
+async def test_partitions_nobody_committed_are_read_from_the_start_after_a_takeover(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
+) -> None:
+    """A member dies before the group ever committed its partitions; the survivor takes them.
+
+    The survivor's fetcher is running when the partitions move to it, so it fetches their
+    records while its flow is stopped for the rebalance, and Faust drops them: the survivor
+    must read them again, not start where that fetch left off.
+    """
+    env = {"TOPIC_PARTITIONS": "8"}
+    survivor = workers.start("survivor", **env)
+    doomed = workers.start("doomed", **env)
+    for worker in (survivor, doomed):
+        await asyncio.to_thread(worker.wait_ready, 120)
+    plan = Plan()
+    for turn in range(1, 4):
+        for c in range(16):
+            plan.add(f"t{c:02d}", turn, paced(f"Turn {turn}.", 30, 100))
+    async with OutputReader(kafka_bootstrap, topics) as reader:
+        await plan.send(kafka_bootstrap, topics.requests)
+        await wait_until(lambda: simulator.stats()["streams_in_flight"] >= 8, 60, "8 streams")
+        kills = [time.time()]
+        doomed.kill()
+        await wait_all_answered(reader, plan, 240)
+        await asyncio.sleep(2)
+        await check_invariants(
+            "takeover-uncommitted", plan, reader, simulator.calls(), runs=2, kills=kills
+        )
+    assert survivor.proc is not None
+    assert survivor.proc.poll() is None
+
+
 async def wait_committed(
     bootstrap: str, topics: Topics, plan: Plan, sim: SimulatorProcess, *, before: float
 ) -> None:
