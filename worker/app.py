@@ -44,6 +44,7 @@ from worker.pipeline import HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
 from worker.state import ConversationStore, SourcePosition, StateTable
+from worker.topics import STATE_TABLE
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
@@ -538,7 +539,7 @@ def build_worker(
         partitions=settings.topic_partitions,
     )
     table = app.Table(
-        "chat-state",
+        STATE_TABLE,
         partitions=settings.topic_partitions,
         # str keys and plain dict values both travel as JSON on the changelog.
         key_type=str,

@@ -49,6 +49,7 @@ InvalidReason = Literal[
     "missing_field",
     "invalid_field",
     "empty_conversation_id",
+    "missing_key",
     "key_mismatch",
     "input_too_large",
     "metadata_too_large",
@@ -237,9 +238,13 @@ def decode_request(
     Checks run in this order, and the first failure decides the reason: empty, not_utf8,
     not_json (also: NaN, unpaired surrogate escapes, nesting deeper than 200), not_object,
     unknown_schema (body field or ``schema`` header), missing_field, empty_conversation_id,
-    invalid_field, key_mismatch (a key, even an empty one, that is not the UTF-8 of
-    ``conversation_id``), input_too_large, metadata_too_large. Raises ``InvalidRequestError`` and
-    nothing else, whatever the bytes.
+    invalid_field, missing_key (a null key), key_mismatch (a key, even an empty one, that is not
+    the UTF-8 of ``conversation_id``), input_too_large, metadata_too_large. Raises
+    ``InvalidRequestError`` and nothing else, whatever the bytes.
+
+    The key must be the conversation_id: it decides the partition, and so which worker runs the
+    turn and which changelog partition holds the conversation's state. A turn on another
+    partition would run beside the conversation's other turns, on state they have not written yet.
     """
     document = _parse_object(value)
     _check_schema(document, headers)
@@ -310,15 +315,18 @@ def _invalid_from(exc: ValidationError) -> InvalidRequestError:
 
 def _check_key(request: ChatRequest, key: bytes | None) -> None:
     if key is None:
-        return
+        raise InvalidRequestError(
+            "missing_key", detail="the record has no key; it must be the conversation_id"
+        )
     try:
         decoded = key.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError("key_mismatch", detail="the record key is not UTF-8") from None
     if decoded != request.conversation_id:
+        shown_key = _truncate(repr(decoded), 80)
+        shown_id = _truncate(repr(request.conversation_id), 80)
         raise InvalidRequestError(
-            "key_mismatch",
-            detail=f"record key {_truncate(repr(decoded), 80)} is not the conversation_id",
+            "key_mismatch", detail=f"record key {shown_key} is not the conversation_id {shown_id}"
         )
 
 

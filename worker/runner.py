@@ -82,7 +82,9 @@ def run_worker(settings: Settings) -> int:
     register_secret(api_key)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    loop.run_until_complete(ensure_topics(settings))
+    partitions = loop.run_until_complete(ensure_topics(settings))
+    # The table must have the request topic's partition count, which may not be TOPIC_PARTITIONS.
+    settings = settings.model_copy(update={"topic_partitions": partitions})
 
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)

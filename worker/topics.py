@@ -1,9 +1,18 @@
-"""Create the worker's topics when they are missing (the changelog topic is Faust's own)."""
+"""The worker's topics: which to create and with how many partitions, and creating them.
+
+The request topic's partition count is the one that matters: the ``chat-state`` table has one
+partition per request partition, kept in the changelog topic that Faust creates,
+``<WORKER_APP_ID>-chat-state-changelog``. An existing request topic keeps its count, whatever
+``TOPIC_PARTITIONS`` says; only an existing changelog with another count stops the worker, since
+each conversation's state would then be read from a partition its requests no longer come from.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -13,6 +22,9 @@ from worker.config import Settings
 from worker.errors import ConfigError
 
 log = structlog.get_logger(__name__)
+
+#: The name of the conversation-state table; Faust names its changelog after it.
+STATE_TABLE = "chat-state"
 
 
 def topic_names(settings: Settings) -> list[str]:
@@ -24,11 +36,50 @@ def topic_names(settings: Settings) -> list[str]:
     ]
 
 
-async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> None:
-    """Create any missing topic with ``topic_partitions`` partitions; existing ones are kept.
+def changelog_topic(settings: Settings) -> str:
+    """The ``chat-state`` table's changelog topic, as Faust names it."""
+    return f"{settings.worker_app_id}-{STATE_TABLE}-changelog"
 
-    The request topic's partition count must match the table's (Faust checks it at start); a
-    mismatch on an existing topic is reported with a clear message instead of a Faust crash.
+
+@dataclass(frozen=True)
+class TopicPlan:
+    """The partition count for the request topic's table, and the topics to create with it."""
+
+    partitions: int
+    create: tuple[str, ...]
+
+
+def plan_topics(settings: Settings, existing: Mapping[str, int]) -> TopicPlan:
+    """Decide from ``existing`` (partition counts of the topics that exist) what to create.
+
+    The count is the request topic's if it exists, else ``TOPIC_PARTITIONS``; every missing
+    topic of the worker's is created with it. Raises ``ConfigError`` when the changelog exists
+    with another count.
+    """
+    requests = settings.topic_requests
+    partitions = existing.get(requests, settings.topic_partitions)
+    changelog = changelog_topic(settings)
+    found = existing.get(changelog)
+    if found is not None and found != partitions:
+        request_count = (
+            f"has {partitions}"
+            if requests in existing
+            else f"would be created with TOPIC_PARTITIONS={partitions}"
+        )
+        raise ConfigError(
+            f"the changelog topic {changelog!r} has {found} partitions but the request topic "
+            f"{requests!r} {request_count}: each conversation's state must stay in the partition "
+            f"its requests come from. Use a request topic of {found} partitions, or delete "
+            f"{changelog!r} while no worker runs (every conversation then starts a new Vapi chat)"
+        )
+    create = tuple(name for name in topic_names(settings) if name not in existing)
+    return TopicPlan(partitions, create)
+
+
+async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> int:
+    """Create the missing topics (see ``plan_topics``); return the request topic's count.
+
+    The table must be built with the returned count, not ``TOPIC_PARTITIONS``.
     """
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -47,36 +98,59 @@ async def ensure_topics(settings: Settings, *, timeout_s: float = 60.0) -> None:
                 ) from exc
             await asyncio.sleep(1.0)
     try:
-        existing = set(await admin.list_topics())
-        missing = [name for name in topic_names(settings) if name not in existing]
-        if missing:
-            # Another replica may create them at the same moment.
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [
-                        NewTopic(
-                            name,
-                            num_partitions=settings.topic_partitions,
-                            replication_factor=settings.topic_replication_factor,
-                        )
-                        for name in missing
-                    ]
-                )
-            log.info("topics created", topics=missing, partitions=settings.topic_partitions)
-        await _check_request_partitions(admin, settings)
+        plan = plan_topics(settings, await _existing_counts(admin, settings, deadline))
+        if plan.create:
+            await _create(admin, settings, plan)
+            # Another replica may have created the request topic first, with another count.
+            plan = plan_topics(settings, await _existing_counts(admin, settings, deadline))
+        if plan.partitions != settings.topic_partitions:
+            log.info(
+                "the request topic's partition count is used, not TOPIC_PARTITIONS",
+                topic=settings.topic_requests,
+                partitions=plan.partitions,
+                topic_partitions=settings.topic_partitions,
+            )
+        return plan.partitions
     finally:
         await admin.close()
 
 
-async def _check_request_partitions(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    described = await admin.describe_topics([settings.topic_requests])
-    partitions = len(described[0].get("partitions", [])) if described else 0
-    if partitions and partitions != settings.topic_partitions:
-        raise ConfigError(
-            f"topic {settings.topic_requests!r} has {partitions} partitions but "
-            f"TOPIC_PARTITIONS={settings.topic_partitions}; the chat-state table must have the "
-            "same count: set TOPIC_PARTITIONS to match"
-        )
+async def _existing_counts(
+    admin: AIOKafkaAdminClient, settings: Settings, deadline: float
+) -> dict[str, int]:
+    """Partition counts of the worker's topics and changelog that exist."""
+    wanted = {*topic_names(settings), changelog_topic(settings)}
+    names = sorted(wanted & set(await admin.list_topics()))
+    while True:
+        # Only topics known to exist are described: describing a missing one could make a
+        # cluster that auto-creates topics create it.
+        described = await admin.describe_topics(names) if names else []
+        counts = {topic["topic"]: len(topic.get("partitions") or ()) for topic in described}
+        if all(counts.get(name) for name in names):
+            return counts
+        # A topic created a moment ago may not have its partitions in the metadata yet.
+        if asyncio.get_running_loop().time() > deadline:
+            raise ConfigError(f"no partition metadata for topics {names} from Kafka")
+        await asyncio.sleep(0.5)
+
+
+async def _create(admin: AIOKafkaAdminClient, settings: Settings, plan: TopicPlan) -> None:
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                name,
+                num_partitions=plan.partitions,
+                replication_factor=settings.topic_replication_factor,
+            )
+            for name in plan.create
+        ]
+    )
+    for topic, code, *rest in response.topic_errors:
+        # Another replica may create the same topics at the same moment.
+        if code and code != TopicAlreadyExistsError.errno:
+            message = rest[0] if rest else ""
+            raise ConfigError(f"cannot create topic {topic!r}: error {code} {message}".strip())
+    log.info("topics created", topics=list(plan.create), partitions=plan.partitions)
 
 
 def kafka_client_kwargs(settings: Settings) -> dict[str, object]:

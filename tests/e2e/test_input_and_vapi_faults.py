@@ -101,6 +101,7 @@ BAD_RECORDS = [
     BadRecord("no conversation_id", b"conv-bad", _body(conversation_id=...), "missing_field"),
     BadRecord("empty conversation_id", b"", _body(conversation_id=""), "empty_conversation_id"),
     BadRecord("key mismatch", b"conv-other", _body(), "key_mismatch"),
+    BadRecord("no key", None, _body(), "missing_key"),
     BadRecord(
         "oversized input", b"conv-bad", _body(input="x" * (MAX_INPUT_CHARS + 1)), "input_too_large"
     ),
@@ -230,6 +231,52 @@ async def test_bad_records_go_to_the_dlq_unchanged_with_reason_and_source_and_ar
                     ("chat_worker_dlq_total", (("reason", "other"),)): 0,
                 },
             )
+    finally:
+        worker.terminate()
+
+
+async def test_records_not_keyed_by_their_conversation_are_dead_lettered_without_a_vapi_call(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """A null key or another conversation's key: DLQ with its reason, no Vapi call, no response.
+
+    Such a record may sit on another partition than its conversation's other turns, where it
+    would run beside them on stale state. A correctly keyed turn of the same conversation,
+    produced between them, completes.
+    """
+    worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
+    try:
+        worker.wait_ready()
+        unkeyed = _body(request_id="r-unkeyed", conversation_id="conv-k")
+        misrouted = _body(request_id="r-misrouted", conversation_id="conv-k")
+        good = request_record("conv-k", "r-good", "My name is Kim.")
+        async with OutputReader(kafka_bootstrap, topics) as reader:
+            positions = await _produce_each(
+                kafka_bootstrap,
+                topics.requests,
+                [(None, unkeyed, []), (*good, []), (b"conv-other", misrouted, [])],
+            )
+            await reader.wait_for_responses(["r-good"], 60)
+            await reader.wait_for(lambda out: len(out.dlq) >= 2, 30, "both records in the DLQ")
+            await asyncio.sleep(1)  # a response or call for either would show up by now
+
+            by_reason = {dict(r.headers)["dlq-reason"].decode(): r for r in reader.outputs.dlq}
+            assert sorted(by_reason) == ["key_mismatch", "missing_key"]
+            for reason, key, value, (partition, offset) in [
+                ("missing_key", None, unkeyed, positions[0]),
+                ("key_mismatch", b"conv-other", misrouted, positions[2]),
+            ]:
+                record = by_reason[reason]
+                assert (record.key, record.value) == (key, value), reason
+                headers = dict(record.headers)
+                assert int(headers["dlq-source-partition"]) == partition, reason
+                assert int(headers["dlq-source-offset"]) == offset, reason
+
+            assert [r["request_id"] for r in reader.outputs.responses] == ["r-good"]
+            [answer] = reader.outputs.responses
+            assert answer["status"] == "completed", answer
+            assert answer["text"] == "Nice to meet you, Kim! I will remember your name."
+            assert [call.get("request_id") for call in simulator.calls()] == ["r-good"]
     finally:
         worker.terminate()
 

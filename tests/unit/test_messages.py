@@ -31,9 +31,13 @@ pytestmark = pytest.mark.unit
 LIMITS: dict[str, int] = {"max_input_chars": 100, "max_metadata_bytes": 64}
 
 
+#: The record key of ``_body()``'s conversation.
+KEY = b"c-1"
+
+
 def _decode(
     value: bytes | None,
-    key: bytes | None = None,
+    key: bytes | None = KEY,
     headers: list[tuple[str, bytes | None]] | None = None,
 ) -> ChatRequest:
     return decode_request(value, key, headers or [], **LIMITS)
@@ -47,7 +51,7 @@ def _body(**fields: Any) -> bytes:
 
 def _reason(
     value: bytes | None,
-    key: bytes | None = None,
+    key: bytes | None = KEY,
     headers: list[tuple[str, bytes | None]] | None = None,
 ) -> str:
     with pytest.raises(InvalidRequestError) as caught:
@@ -99,9 +103,20 @@ def test_unknown_fields_are_ignored() -> None:
     assert "priority" not in request.model_dump()
 
 
-def test_a_missing_key_is_not_checked() -> None:
-    """A record without a key (null) is accepted; only a present key must match."""
-    assert _decode(_body(), key=None).conversation_id == "c-1"
+def test_a_record_without_a_key_is_refused() -> None:
+    """A null key could put the conversation's turns on several partitions: missing_key."""
+    with pytest.raises(InvalidRequestError) as caught:
+        _decode(_body(), key=None)
+    assert caught.value.reason == "missing_key"
+    assert caught.value.detail == "the record has no key; it must be the conversation_id"
+
+
+def test_a_key_of_another_conversation_is_refused() -> None:
+    """A key that is not the conversation_id's UTF-8 is key_mismatch, and the detail shows it."""
+    with pytest.raises(InvalidRequestError) as caught:
+        _decode(_body(), key=b"c-2")
+    assert caught.value.reason == "key_mismatch"
+    assert caught.value.detail == "record key 'c-2' is not the conversation_id 'c-1'"
 
 
 def test_limits_are_inclusive() -> None:
@@ -155,18 +170,19 @@ BAD_RECORDS: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes |
     ("string bool", _body(reset_context="true"), None, [], "invalid_field"),
     ("metadata list", _body(metadata=[1]), None, [], "invalid_field"),
     ("empty assistant", _body(assistant_id=""), None, [], "invalid_field"),
+    ("no key", _body(), None, [], "missing_key"),
     ("other key", _body(), b"c-2", [], "key_mismatch"),
     ("empty key", _body(), b"", [], "key_mismatch"),
     ("binary key", _body(), b"\xff\xfe", [], "key_mismatch"),
-    ("long input", _body(input="x" * 101), None, [], "input_too_large"),
+    ("long input", _body(input="x" * 101), KEY, [], "input_too_large"),
     (
         "long messages",
         _body(input=[{"role": "user", "content": "x" * 60}] * 2),
-        None,
+        KEY,
         [],
         "input_too_large",
     ),
-    ("big metadata", _body(metadata={"k": "x" * 64}), None, [], "metadata_too_large"),
+    ("big metadata", _body(metadata={"k": "x" * 64}), KEY, [], "metadata_too_large"),
 ]
 
 

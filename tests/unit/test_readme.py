@@ -47,3 +47,12 @@ def test_ci_runs_the_test_command_the_readme_gives() -> None:
     """`.ci/run` runs `make test`, the command the README tells a newcomer to use."""
     assert "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_demo_the_readme_gives_before_the_tests() -> None:
+    """`.ci/run` runs `make demo`, the README's first command, as its own phase before the tests."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = re.findall(r"^make (\w+)", ci, flags=re.MULTILINE)
+    assert "make demo" in README
+    assert "demo" in commands
+    assert commands.index("demo") < commands.index("test")

@@ -298,7 +298,8 @@ def test_decode_request_agrees_with_the_request_schema() -> None:
     """decode_request accepts the valid request samples and refuses the invalid ones."""
     validator = _validator("chat.request.v1")
     for message in REQUESTS:
-        decode_request(message.encode(), None, max_input_chars=10_000, max_metadata_bytes=10_000)
+        key = message.conversation_id.encode()
+        decode_request(message.encode(), key, max_input_chars=10_000, max_metadata_bytes=10_000)
     for name, document, field, value in INVALID:
         if name != "chat.request.v1":
             continue
@@ -307,7 +308,7 @@ def test_decode_request_agrees_with_the_request_schema() -> None:
         with pytest.raises(InvalidRequestError):
             decode_request(
                 json.dumps(changed).encode(),
-                None,
+                document["conversation_id"].encode(),
                 max_input_chars=10_000,
                 max_metadata_bytes=10_000,
             )
