@@ -77,6 +77,8 @@ class KafkaPublisher:
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self._app = app
+        #: The producer's ``max_request_size``: no record larger than this may be sent.
+        self.max_record_bytes: int = app.conf.producer_max_request_size
         self._deltas = settings.topic_deltas
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
@@ -93,6 +95,8 @@ class KafkaPublisher:
             # does last, without its per-record metadata wait, partition check (a new set of the
             # topic's partitions each time), key/value serializer calls and debug log: ~7 us a
             # delta, 8% of the worker's CPU flat out. Same batches, sequence numbers and acks.
+            # The skipped size check holds anyway: the handler splits text that would not fit
+            # (``worker.limits.MAX_DELTA_TEXT_BYTES``), so a delta record is never near a limit.
             return cast(
                 Awaitable[object],
                 await producer._message_accumulator.add_message(
@@ -561,6 +565,8 @@ def build_worker(
             request_deadline_s=settings.vapi_request_deadline_s,
             coalesce_ms=settings.worker_delta_coalesce_ms,
             coalesce_chars=settings.worker_delta_coalesce_chars,
+            max_reply_chars=settings.max_reply_chars,
+            max_record_bytes=publisher.max_record_bytes,
         ),
     )
 
