@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from worker.config import Settings
 from worker.errors import InvalidRequestError
+from worker.limits import fit_dead_letter
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -148,9 +149,18 @@ class KafkaPublisher:
             partition=message.partition,
             offset=message.offset,
         )
-        fut = await self._app.producer.send(
-            self._dlq, message.key, message.value, None, None, cast(Any, headers)
+        # A record may be larger than this producer may send (the request topic's limit is the
+        # broker's, not ours): it is dead-lettered cut to fit, with a header saying so.
+        key, value, fitted = fit_dead_letter(
+            message.key, message.value, headers, max_bytes=self.max_record_bytes
         )
+        if len(fitted) != len(headers):
+            log.warning(
+                "dead letter cut to fit a record",
+                original_bytes=len(message.value or b""),
+                limit=self.max_record_bytes,
+            )
+        fut = await self._app.producer.send(self._dlq, key, value, None, None, cast(Any, fitted))
         await fut
 
 

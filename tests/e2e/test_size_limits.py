@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from tests.e2e.harness import (
@@ -178,6 +180,77 @@ async def test_a_delta_larger_than_a_record_may_hold_is_split_and_nothing_fails_
 
             sizes = [record_size(r) for r in reader.records if r.topic == topics.deltas]
             assert max(sizes) <= PRODUCER_LIMIT
+            assert worker.proc is not None
+            assert worker.proc.poll() is None
+    finally:
+        worker.terminate()
+
+
+async def test_a_dead_letter_over_the_producer_limit_is_truncated_with_a_header(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """A 1.2 MB bad record (the request topic allows 2 MB) is dead-lettered cut to fit.
+
+    It keeps its key and headers, the leading bytes of its value, the usual ``dlq-*`` headers and
+    ``dlq-truncated`` (the original value's size); the next request is answered.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(
+                    topics.requests,
+                    PARTITIONS,
+                    1,
+                    topic_configs={"max.message.bytes": "2000000"},
+                )
+            ]
+        )
+    finally:
+        await admin.close()
+    worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
+    try:
+        worker.wait_ready()
+        key, value = request_record("conv-dlq", "big-1", "y" * 1_200_000)
+        headers = [("x-case", b"too big"), ("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16)]
+        async with OutputReader(kafka_bootstrap, topics) as reader:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=kafka_bootstrap, max_request_size=3_000_000
+            )
+            await producer.start()
+            try:
+                sent = await (await producer.send(topics.requests, value, key=key, headers=headers))
+            finally:
+                await producer.stop()
+            await produce(
+                kafka_bootstrap,
+                topics.requests,
+                [request_record("conv-dlq", "after-2", "Hello after the big one")],
+            )
+            await wait_alive(
+                reader,
+                worker,
+                lambda out: len(out.dlq) >= 1 and answered("after-2")(out),
+                "the dead letter and the next response",
+            )
+            await asyncio.sleep(1)  # a second dead letter would show up by now
+
+            [dead] = reader.outputs.dlq
+            assert dead.key == key
+            assert 0 < len(dead.value) < len(value)
+            assert value.startswith(dead.value)
+            assert record_size(dead) <= PRODUCER_LIMIT
+            dead_headers = list(dead.headers)
+            assert dead_headers[: len(headers)] == headers
+            added = dict(dead_headers[len(headers) :])
+            assert added["dlq-reason"] == b"input_too_large"
+            assert added["dlq-source-topic"] == topics.requests.encode()
+            assert int(added["dlq-source-partition"]) == sent.partition
+            assert int(added["dlq-source-offset"]) == sent.offset
+            assert int(added["dlq-truncated"]) == len(value)
+
+            assert only_response(reader.outputs, "after-2")["status"] == "completed"
             assert worker.proc is not None
             assert worker.proc.poll() is None
     finally:
