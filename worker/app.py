@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError
+from worker.limits import fit_dead_letter
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -79,6 +80,8 @@ class KafkaPublisher:
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self._app = app
+        #: The producer's ``max_request_size``: no record larger than this may be sent.
+        self.max_record_bytes: int = app.conf.producer_max_request_size
         self._deltas = settings.topic_deltas
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
@@ -95,6 +98,8 @@ class KafkaPublisher:
             # does last, without its per-record metadata wait, partition check (a new set of the
             # topic's partitions each time), key/value serializer calls and debug log: ~7 us a
             # delta, 8% of the worker's CPU flat out. Same batches, sequence numbers and acks.
+            # The skipped size check holds anyway: the handler splits text that would not fit
+            # (``worker.limits.MAX_DELTA_TEXT_BYTES``), so a delta record is never near a limit.
             return cast(
                 Awaitable[object],
                 await producer._message_accumulator.add_message(
@@ -146,9 +151,18 @@ class KafkaPublisher:
             partition=message.partition,
             offset=message.offset,
         )
-        fut = await self._app.producer.send(
-            self._dlq, message.key, message.value, None, None, cast(Any, headers)
+        # A record may be larger than this producer may send (the request topic's limit is the
+        # broker's, not ours): it is dead-lettered cut to fit, with a header saying so.
+        key, value, fitted = fit_dead_letter(
+            message.key, message.value, headers, max_bytes=self.max_record_bytes
         )
+        if len(fitted) != len(headers):
+            log.warning(
+                "dead letter cut to fit a record",
+                original_bytes=len(message.value or b""),
+                limit=self.max_record_bytes,
+            )
+        fut = await self._app.producer.send(self._dlq, key, value, None, None, cast(Any, fitted))
         await fut
 
 
@@ -573,6 +587,8 @@ def build_worker(
             request_deadline_s=settings.vapi_request_deadline_s,
             coalesce_ms=settings.worker_delta_coalesce_ms,
             coalesce_chars=settings.worker_delta_coalesce_chars,
+            max_reply_chars=settings.max_reply_chars,
+            max_record_bytes=publisher.max_record_bytes,
         ),
     )
 

@@ -68,9 +68,10 @@ class Settings(BaseSettings):
     worker_shutdown_grace_s: float = Field(default=25.0, gt=0)
     worker_rebalance_grace_s: float = Field(default=3.0, ge=0)
 
-    # Input limits
+    # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)
     max_metadata_bytes: int = Field(default=16_384, ge=0)
+    max_reply_chars: int = Field(default=100_000, ge=1)
 
     # Operations
     worker_http_port: int = Field(default=6066, ge=0, le=65535)

@@ -3,6 +3,7 @@
     WorkerError
     ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
     ├── ConfigError                settings that cannot work together (exit with a message)
+    ├── ReplyTooLargeError         Vapi's reply outgrew MAX_REPLY_CHARS or a response record
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
@@ -41,6 +42,13 @@ class ConfigError(WorkerError):
     """The settings cannot work; the CLI prints this and exits non-zero."""
 
     code = "config_error"
+
+
+class ReplyTooLargeError(WorkerError):
+    """The reply is longer than ``MAX_REPLY_CHARS``, or its response would not fit a record."""
+
+    code = "reply_too_large"
+    http_status: int | None = None
 
 
 class VapiError(WorkerError):

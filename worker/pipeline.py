@@ -20,7 +20,14 @@ import structlog
 
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
-from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
+from worker.errors import (
+    ReplyTooLargeError,
+    VapiAuthError,
+    VapiError,
+    VapiRateLimitedError,
+    VapiStatusError,
+)
+from worker.limits import MAX_DELTA_TEXT_BYTES, SAFE_DELTA_CHARS, record_bytes, split_text
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -72,6 +79,10 @@ class HandlerSettings:
     request_deadline_s: float = 300.0
     coalesce_ms: int = 0
     coalesce_chars: int = 0
+    #: Longest reply; the event that goes past it fails the request (``reply_too_large``).
+    max_reply_chars: int = 100_000
+    #: Largest record the producer may send (its ``max_request_size``).
+    max_record_bytes: int = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,8 @@ class _Attempt:
     chat_id: str | None = None
     session_id: str | None = None
     parts: list[str] = field(default_factory=list)
+    #: Characters of reply text received so far; bounded by ``max_reply_chars``.
+    chars: int = 0
     seq: int = 0
     #: Deltas published but not yet added to ``chat_worker_deltas_total``.
     uncounted: int = 0
@@ -169,8 +182,33 @@ class RequestHandler:
         self._metrics.queue_wait_seconds.observe(now - queued_at)
         # The same headers go on every delta of the request: built once, not per delta.
         outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        outcome = self._fitted(run, outcome, trace_headers)
         self._record_outcome(run, outcome.response)
         return outcome
+
+    def _fitted(self, run: _Run, outcome: Outcome, trace_headers: Headers) -> Outcome:
+        """The outcome, or ``reply_too_large`` if its completed response would not fit a record.
+
+        At the defaults ``max_reply_chars`` alone keeps a response within a record; this check
+        keeps it there for any setting, any characters (up to 6 bytes each as JSON) and any
+        echoed metadata. Once per request: one more encoding of the response.
+        """
+        response = outcome.response
+        if response.status != "completed":
+            return outcome
+        size = record_bytes(
+            response.conversation_id.encode(),
+            response.encode(),
+            output_headers(ChatResponse.SCHEMA, trace_headers),
+        )
+        limit = self._settings.max_record_bytes
+        if size <= limit:
+            return outcome
+        err = ReplyTooLargeError(
+            f"the response would be a {size}-byte record; the producer sends at most {limit}"
+        )
+        log.warning("request failed", error=err.code, message=str(err))
+        return self._failed(run, err)
 
     async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
         """Publish the one final response and wait for the broker's ack."""
@@ -188,6 +226,12 @@ class RequestHandler:
             structlog.contextvars.bind_contextvars(attempt=run.attempts)
             try:
                 attempt = await self._stream_once(run, headers)
+            except ReplyTooLargeError as err:
+                # Vapi answered; the answer is the problem. Asking again would cost as much.
+                self._metrics.vapi_responses_total.labels(status="200").inc()
+                self._set_auth(ok=True)
+                log.warning("request failed", error=err.code, message=str(err))
+                return self._failed(run, err)
             except VapiError as err:
                 self._metrics.vapi_responses_total.labels(
                     status=str(err.http_status or "error")
@@ -300,6 +344,13 @@ class RequestHandler:
             run.first_delta_at = self._clock()
         attempt.chat_id = event.chat_id
         attempt.session_id = event.session_id or attempt.session_id
+        # Checked before the text is kept or published: a stream holds at most the limit.
+        attempt.chars += len(event.delta)
+        if attempt.chars > self._settings.max_reply_chars:
+            raise ReplyTooLargeError(
+                f"the reply is longer than MAX_REPLY_CHARS ({self._settings.max_reply_chars} "
+                "characters)"
+            )
 
     async def _stream_coalesced(
         self,
@@ -340,23 +391,29 @@ class RequestHandler:
 
     async def _publish(self, run: _Run, attempt: _Attempt, text: str, headers: Headers) -> None:
         request = run.request
-        delta = ChatDelta(
-            request_id=request.request_id,
-            conversation_id=request.conversation_id,
-            chat_id=attempt.chat_id or "",
-            attempt=run.attempts,
-            seq=attempt.seq,
-            delta=text,
-            ts=self._wall(),
+        # Text over MAX_DELTA_TEXT_BYTES as JSON goes out as several deltas (consecutive seq);
+        # text of at most SAFE_DELTA_CHARS always fits and is not measured.
+        pieces = (
+            (text,) if len(text) <= SAFE_DELTA_CHARS else split_text(text, MAX_DELTA_TEXT_BYTES)
         )
-        received = self._clock()
-        attempt.acks.add(await self._publisher.send_delta(delta, headers), received)
-        attempt.parts.append(text)
-        attempt.seq += 1
-        run.delta_count += 1
-        attempt.uncounted += 1
-        if attempt.uncounted >= DELTA_COUNT_BATCH:
-            self._count_deltas(attempt)
+        for piece in pieces:
+            delta = ChatDelta(
+                request_id=request.request_id,
+                conversation_id=request.conversation_id,
+                chat_id=attempt.chat_id or "",
+                attempt=run.attempts,
+                seq=attempt.seq,
+                delta=piece,
+                ts=self._wall(),
+            )
+            received = self._clock()
+            attempt.acks.add(await self._publisher.send_delta(delta, headers), received)
+            attempt.parts.append(piece)
+            attempt.seq += 1
+            run.delta_count += 1
+            attempt.uncounted += 1
+            if attempt.uncounted >= DELTA_COUNT_BATCH:
+                self._count_deltas(attempt)
 
     def _count_deltas(self, attempt: _Attempt) -> None:
         if attempt.uncounted:
@@ -389,7 +446,7 @@ class RequestHandler:
         )
         return Outcome(response, attempt.chat_id, attempt.session_id)
 
-    def _failed(self, run: _Run, err: VapiError) -> Outcome:
+    def _failed(self, run: _Run, err: VapiError | ReplyTooLargeError) -> Outcome:
         request = run.request
         response = ChatResponse(
             request_id=request.request_id,

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from worker.limits import MAX_DELTA_TEXT_BYTES, json_text_bytes
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
 from worker.pipeline import DELTA_COUNT_BATCH, HandlerSettings, RequestHandler
@@ -192,6 +193,8 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
             rng: random.Random | None = None,
             coalesce_chars: int = 0,
             coalesce_ms: int = 0,
+            max_reply_chars: int = 100_000,
+            max_record_bytes: int = 1_000_000,
         ) -> Rig:
             metrics = WorkerMetrics(CollectorRegistry())
             client = await stack.enter_async_context(
@@ -215,6 +218,8 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
                     request_deadline_s=deadline_s,
                     coalesce_chars=coalesce_chars,
                     coalesce_ms=coalesce_ms,
+                    max_reply_chars=max_reply_chars,
+                    max_record_bytes=max_record_bytes,
                 ),
                 clock=fake_time.clock,
                 sleep=fake_time.sleep,
@@ -577,3 +582,77 @@ async def test_coalesced_deltas_are_fewer_gap_free_and_make_up_the_reply(
     assert response.delta_count == len(deltas)
     if chars and not ms:
         assert all(len(d.delta) >= chars for d in deltas[:-1])
+
+
+# --- size limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coalesce_chars", [0, 500])
+async def test_a_reply_over_max_reply_chars_fails_and_holds_no_more_than_the_limit(
+    make_rig: MakeRig, coalesce_chars: int
+) -> None:
+    """The event that takes the reply past MAX_REPLY_CHARS ends the request.
+
+    Nothing of it or after it is published or kept, Vapi is not called again, and the failure
+    says why.
+    """
+    rig = await make_rig(max_reply_chars=1000, coalesce_chars=coalesce_chars)
+    response = await rig.run("[[sim:pace tokens=10 token_chars=300]] go")
+    _assert_failed(
+        rig, response, code="reply_too_large", retryable=False, http_status=None, attempts=1
+    )
+    assert "1000" in response.error.message if response.error else False
+    deltas = rig.publisher.deltas_of("req-1", 1)
+    assert [d.seq for d in deltas] == list(range(len(deltas)))
+    streamed = "".join(d.delta for d in deltas)
+    within_limit = ("x" * 299 + " ") * 3
+    # Coalesced text still held when the limit is passed is dropped, never published.
+    assert streamed == within_limit if not coalesce_chars else within_limit.startswith(streamed)
+    assert rig.calls("req-1") == [(1, 200)]
+    assert rig.sample("chat_worker_vapi_responses_total", status="200") == 1
+
+
+async def test_a_reply_of_exactly_max_reply_chars_completes(make_rig: MakeRig) -> None:
+    """The limit is inclusive."""
+    rig = await make_rig(max_reply_chars=900)
+    response = await rig.run("[[sim:pace tokens=3 token_chars=300]] go")
+    _assert_completed(rig, response, attempts=1)
+    assert len(response.text) == 900
+
+
+async def test_a_huge_event_is_split_into_deltas_within_the_bound(make_rig: MakeRig) -> None:
+    """One event of 40,000 control characters (240 kB as JSON) becomes several deltas.
+
+    Each is within MAX_DELTA_TEXT_BYTES; seq is gap-free; they join to the reply.
+    """
+    rig = await make_rig()
+    response = await rig.run("[[sim:pace tokens=1 token_chars=40000 char=\x01]] go")
+    _assert_completed(rig, response, attempts=1)
+    deltas = rig.publisher.deltas_of("req-1", 1)
+    assert len(deltas) > 1
+    assert all(json_text_bytes(d.delta) <= MAX_DELTA_TEXT_BYTES for d in deltas)
+    assert response.text == "\x01" * 39_999 + " "
+
+
+async def test_a_response_over_the_record_limit_fails_with_reply_too_large(
+    make_rig: MakeRig,
+) -> None:
+    """A reply within MAX_REPLY_CHARS whose response record is still too large fails.
+
+    Control characters take 6 bytes each as JSON; the conversation does not move to the chat.
+    """
+    rig = await make_rig(max_reply_chars=100_000, max_record_bytes=200_000)
+    request = ChatRequest.model_validate(
+        {
+            "request_id": "req-1",
+            "conversation_id": CONVERSATION,
+            "input": "[[sim:pace tokens=4 token_chars=10000 char=\x01]] go",
+        }
+    )
+    outcome = await rig.handler.handle(request, ConversationState(), queued_at=rig.time.clock())
+    await rig.handler.publish(outcome)
+    _assert_failed(
+        rig, outcome.response, code="reply_too_large", retryable=False, http_status=None, attempts=1
+    )
+    assert (outcome.chat_id, outcome.session_id) == (None, None)
+    assert len(rig.publisher.deltas_of("req-1", 1)) >= 4

@@ -236,6 +236,20 @@ async def test_deltas_concatenate_to_the_stored_reply(
     assert sim.state.calls[-1].deltas_sent == 12
 
 
+async def test_bulk_tokens_stream_as_huge_events_in_vapis_framing(
+    client: httpx.AsyncClient, sim: RunningSimulator
+) -> None:
+    """``token_chars`` makes each delta one huge event, UTF-8 unescaped, framed as any other."""
+    token = "\u20ac" * 299_999 + " "
+    body = chat_body("x [[sim:pace first_ms=0 delay_ms=0 tokens=2 token_chars=300000 char=\u20ac]]")
+    _, raw = await stream_raw(client, body)
+    chat_id = events(raw)[0]["id"]
+    assert raw == delta_event(chat_id, token) * 2
+    assert len(raw) > 2 * 3 * 299_999  # three UTF-8 bytes a character, no \u escapes
+    assert sim.state.chats[chat_id].output[0]["content"] == token * 2
+    assert sim.state.calls[-1].deltas_sent == 2
+
+
 async def test_done_marker_ends_the_stream_when_configured() -> None:
     """With ``done_marker`` the last event is ``data: [DONE]``."""
     async with (

@@ -30,6 +30,15 @@ def test_later_pace_values_override_earlier_ones() -> None:
     assert pace == Pace(tokens=7, delay_s=0.001)
 
 
+def test_pace_directive_sets_the_size_and_character_of_bulk_tokens() -> None:
+    """``token_chars`` and ``char`` shape a bulk reply (a huge event, a very long reply)."""
+    text, pace, _ = parse_text("go [[sim:pace tokens=2 token_chars=1000000 char=\u20ac]]")
+    assert text == "go"
+    assert pace == Pace(tokens=2, token_chars=1_000_000, char="\u20ac")
+    _, pace, _ = parse_text("[[sim:pace token_chars=5]]")
+    assert pace == Pace(token_chars=5)
+
+
 def test_fault_directive_becomes_a_rule_with_times() -> None:
     """A fault directive yields a typed fault and its ``times`` limit."""
     text, _, faults = parse_text("go [[sim:fault status code=429 retry_after=2 times=2]]")
@@ -53,6 +62,11 @@ def test_quoted_values_may_contain_spaces() -> None:
         "[[sim:pace tokens=1.5]]",
         "[[sim:pace speed=3]]",
         "[[sim:pace tokens]]",
+        "[[sim:pace token_chars=1]]",
+        "[[sim:pace token_chars=2.5]]",
+        "[[sim:pace token_chars=3 char=ab]]",
+        "[[sim:pace token_chars=3 char=' ']]",
+        "[[sim:pace char=x]]",
         "[[sim:fault]]",
         "[[sim:fault explode]]",
         "[[sim:fault stall after=x]]",

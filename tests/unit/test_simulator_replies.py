@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from worker.simulator.replies import (
     UNKNOWN_NAME_REPLY,
+    bulk_reply,
     compose_reply,
     generic_reply,
     split_tokens,
@@ -76,3 +77,18 @@ def test_stated_name_takes_one_word_without_punctuation() -> None:
     """The name is the word after "my name is", punctuation dropped, case kept."""
     assert stated_name("MY NAME IS zoë, hi") == "zoë"
     assert stated_name("no name here") is None
+
+
+@given(
+    st.integers(min_value=0, max_value=50),
+    st.integers(min_value=2, max_value=300),
+    st.characters(exclude_categories=("Cs", "Zs", "Zl", "Zp", "Cc")),
+)
+def test_bulk_reply_is_exactly_tokens_of_token_chars(
+    tokens: int, token_chars: int, char: str
+) -> None:
+    """A bulk reply splits into ``tokens`` deltas of exactly ``token_chars`` characters each."""
+    reply = bulk_reply(tokens, token_chars, char)
+    parts = split_tokens(reply)
+    assert len(parts) == tokens
+    assert all(part == char * (token_chars - 1) + " " for part in parts)

@@ -30,7 +30,7 @@ from worker.simulator.faults import (
     StallFault,
     StatusFault,
 )
-from worker.simulator.replies import compose_reply, split_tokens
+from worker.simulator.replies import bulk_reply, compose_reply, split_tokens
 from worker.simulator.state import CallRecord, SimulatorState, StoredChat
 from worker.simulator.streaming import ReplyStream, StreamPlan
 from worker.simulator.validation import ChatRequest, validate_chat_request
@@ -150,12 +150,12 @@ class ChatHandler:
 
     def _new_chat(self, chat_request: ChatRequest, parsed: ParsedInput) -> StoredChat:
         context = self._state.resolve_context(chat_request)
-        tokens = parsed.pace.tokens
-        reply = compose_reply(
-            context.history,
-            parsed.user_text,
-            self._config.reply_tokens if tokens is None else tokens,
-        )
+        pace = parsed.pace
+        tokens = self._config.reply_tokens if pace.tokens is None else pace.tokens
+        if pace.token_chars is not None:
+            reply = bulk_reply(tokens, pace.token_chars, pace.char or "x")
+        else:
+            reply = compose_reply(context.history, parsed.user_text, tokens)
         return self._state.new_chat(chat_request, context, list(parsed.messages), reply)
 
     def _plan(self, chat: StoredChat, parsed: ParsedInput, faults: FaultPlan) -> StreamPlan:

@@ -9,6 +9,9 @@ Syntax (anywhere in the input, any number of times; words may be shell-quoted)::
     [[sim:pace tokens=N delay_ms=D first_ms=F]]     generic reply length in tokens (the fixed
                                                     name replies ignore it), gap between deltas,
                                                     delay before the first delta (all optional)
+    [[sim:pace token_chars=C char=X]]               a bulk reply instead: every token is C
+                                                    characters, C-1 copies of X (default ``x``)
+                                                    and a space; one token is one delta event
     [[sim:fault KIND key=value ... times=K]]        see ``worker.simulator.faults`` for the kinds
 
 Later ``pace`` values override earlier ones; every ``fault`` directive is kept, in order.
@@ -35,6 +38,9 @@ class Pace:
     tokens: int | None = None
     delay_s: float | None = None
     first_s: float | None = None
+    #: Set: the reply is ``replies.bulk_reply`` of tokens this long, made of ``char``.
+    token_chars: int | None = None
+    char: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +61,23 @@ class ParsedInput:
 
 def _parse_pace(args: str, pace: Pace) -> Pace:
     params = parse_params(_words(args), where="pace")
-    unknown = set(params) - {"tokens", "delay_ms", "first_ms"}
+    unknown = set(params) - {"tokens", "delay_ms", "first_ms", "token_chars", "char"}
     if unknown:
         raise SpecError(f"pace: unknown parameter(s) {', '.join(sorted(unknown))}")
     if "tokens" in params:
         pace = replace(pace, tokens=int(_number("tokens", params["tokens"], whole=True)))
+    if "token_chars" in params:
+        token_chars = int(_number("token_chars", params["token_chars"], whole=True))
+        if token_chars < 2:
+            raise SpecError("pace: token_chars must be >= 2 (a character and a space)")
+        pace = replace(pace, token_chars=token_chars)
+    if "char" in params:
+        char = params["char"]
+        if len(char) != 1 or char.isspace():
+            raise SpecError(f"pace: char={char!r} must be one character, not a space")
+        pace = replace(pace, char=char)
+    if pace.char is not None and pace.token_chars is None:
+        raise SpecError("pace: char needs token_chars")
     if "delay_ms" in params:
         pace = replace(pace, delay_s=_number("delay_ms", params["delay_ms"]) / 1000)
     if "first_ms" in params:

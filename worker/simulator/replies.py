@@ -9,6 +9,8 @@ text, the generic reply's length is exact (so a test knows how many deltas to ex
 - The input says "my name is X": ``Nice to meet you, X! I will remember your name.``
 - Otherwise ``reply_tokens`` tokens: ``Reply to: <the input's words> w5 w6 ...`` cut or padded
   with numbered filler words (``wN`` is the N-th token).
+- A bulk reply (``bulk_reply``, asked for by a ``pace token_chars=`` directive) replaces all of
+  the above: tokens of an exact size, for tests of huge events and very long replies.
 
 A token is a word plus the whitespace after it; the deltas are exactly ``split_tokens(reply)``.
 """
@@ -54,6 +56,11 @@ def generic_reply(user_text: str, reply_tokens: int) -> str:
     words = ["Reply", "to:", *user_text.split()][:reply_tokens]
     words += [f"w{n}" for n in range(len(words) + 1, reply_tokens + 1)]
     return " ".join(words)
+
+
+def bulk_reply(tokens: int, token_chars: int, char: str = "x") -> str:
+    """``tokens`` tokens of exactly ``token_chars`` characters: ``char`` repeated, then a space."""
+    return (char * (token_chars - 1) + " ") * tokens
 
 
 def compose_reply(history: Sequence[Message], user_text: str, reply_tokens: int) -> str:
