@@ -504,13 +504,16 @@ HOSTILE_KILLS = 3
 def hostile_kill_delays(rng: random.Random) -> list[float]:
     """Seconds from each process's start (the first: from producing) to its SIGKILL.
 
-    ``HOSTILE_KILL_DELAYS=2.97,2.45,3.95`` replays given ones. Drawn at random otherwise, from
-    0.5 s (the process is still starting or joining) to 5 s (it is recovering or streaming).
+    ``HOSTILE_KILL_DELAYS=2.97,2.45,3.95`` replays given ones. Drawn at random otherwise: the
+    first process, streaming from the start, within 5 s; each restarted one from 0.5 s (still
+    starting, or waiting for the dead members to leave the group) to 10 s (recovering, or
+    streaming again).
     """
     given = os.environ.get("HOSTILE_KILL_DELAYS", "").strip()
     if given:
         return [float(delay) for delay in given.split(",")]
-    return [round(rng.uniform(0.5, 5.0), 2) for _ in range(HOSTILE_KILLS)]
+    later = [round(rng.uniform(0.5, 10.0), 2) for _ in range(HOSTILE_KILLS - 1)]
+    return [round(rng.uniform(0.5, 5.0), 2), *later]
 
 
 @pytest.mark.timeout(420)
