@@ -91,7 +91,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
-        if self.vapi_api_key is None and self.vapi_api_key_file is not None:
+        if self.vapi_api_key is not None and self.vapi_api_key_file is not None:
+            raise ConfigError(
+                "VAPI_API_KEY and VAPI_API_KEY_FILE are both set: set only one of them"
+            )
+        if self.vapi_api_key_file is not None:
             try:
                 key = self.vapi_api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:

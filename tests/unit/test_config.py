@@ -39,6 +39,20 @@ def test_an_unreadable_key_file_is_a_clear_configuration_error(
         Settings()
 
 
+def test_a_key_and_a_key_file_at_once_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VAPI_API_KEY and VAPI_API_KEY_FILE together are ambiguous: start-up stops, naming both."""
+    key_file = tmp_path / "vapi-key"
+    key_file.write_text("sk-from-the-file\n")
+    monkeypatch.setenv("VAPI_API_KEY", "sk-from-the-env")
+    monkeypatch.setenv("VAPI_API_KEY_FILE", str(key_file))
+    with pytest.raises((ConfigError, ValidationError)) as raised:
+        Settings()
+    assert "VAPI_API_KEY and VAPI_API_KEY_FILE" in str(raised.value)
+    assert "sk-from" not in str(raised.value)
+
+
 def test_a_real_vapi_needs_an_assistant_id(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a key but no VAPI_ASSISTANT_ID, asking for the default assistant is an error."""
     monkeypatch.setenv("VAPI_API_KEY", "k")
