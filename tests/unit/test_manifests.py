@@ -69,6 +69,10 @@ SHUTDOWN_MARGIN_S = 10
 
 APT_HINT = "apt-get install -y --no-install-recommends prometheus"
 METRIC_NAME = re.compile(r"\bchat_worker_[A-Za-z0-9_]+")
+#: A metric name in PromQL and its label matchers, if any: ``chat_worker_x{a="b"}``.
+METRIC_SELECTOR = re.compile(r"\b(chat_worker_[A-Za-z0-9_]+)\s*(\{[^}]*\})?")
+#: An aggregation and its ``by (...)`` labels, if any, up to its opening parenthesis.
+AGGREGATION = re.compile(r"\b(sum|min|max|avg|count|group)\s*(?:by\s*\(([^)]*)\))?\s*\(")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +525,8 @@ def test_compose_prometheus_scrapes_both_workers() -> None:
     targets = set(job["static_configs"][0]["targets"])
     assert targets == {f"{name}:6066" for name in compose_workers()}
     assert job["job_name"] == resource("Service")["metadata"]["name"]
+    # A namespace label as in Kubernetes, so the dashboard's $namespace has a value to pick.
+    assert job["static_configs"][0]["labels"]["namespace"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +617,30 @@ def test_dashboard_has_the_required_panels() -> None:
     assert quantiles == {"p50", "p95", "p99"}
 
 
+def test_dashboard_variables_pick_one_deployment() -> None:
+    """$namespace, then $job within it, each one value: no panel can sum two deployments."""
+    variables = [v["name"] for v in dashboard()["templating"]["list"]]
+    assert variables.index("namespace") < variables.index("job")
+    by_name = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    namespace, job = by_name["namespace"], by_name["job"]
+    assert namespace["definition"] == "label_values(chat_worker_in_flight, namespace)"
+    assert job["definition"] == 'label_values(chat_worker_in_flight{namespace="$namespace"}, job)'
+    for variable in (namespace, job):
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["multi"] is False
+        assert variable["includeAll"] is False
+
+
+def test_every_dashboard_query_is_scoped_to_the_chosen_deployment() -> None:
+    """Each metric selector of each panel query matches namespace="$namespace" and job="$job"."""
+    for title, target in dashboard_targets():
+        selectors = METRIC_SELECTOR.findall(target["expr"])
+        assert selectors, title
+        for name, matchers in selectors:
+            found = set(re.findall(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"', matchers))
+            assert {("namespace", "=", "$namespace"), ("job", "=", "$job")} <= found, (title, name)
+
+
 def test_dashboard_panels_use_the_datasource_variable() -> None:
     """Panels query ${datasource}, so the dashboard works in any Grafana, compose or cluster."""
     board = dashboard()
@@ -655,6 +685,19 @@ def test_alert_rules_name_only_exported_metrics() -> None:
     exprs = " ".join(rule["expr"] for group in plain["groups"] for rule in group["rules"])
     assert set(METRIC_NAME.findall(exprs)) <= exported_metric_names()
     assert set(METRIC_NAME.findall(RULES.read_text())) <= metric_family_names()
+
+
+def test_every_alert_rule_aggregates_per_deployment() -> None:
+    """Every aggregation in a rule keeps namespace and job, so deployments are judged apart."""
+    plain = yaml.safe_load(RULES.read_text())
+    for rule in (rule for group in plain["groups"] for rule in group["rules"]):
+        name = rule.get("alert") or rule["record"]
+        aggregations = AGGREGATION.findall(rule["expr"])
+        for operator, labels in aggregations:
+            kept = {label.strip() for label in labels.split(",")}
+            assert {"namespace", "job"} <= kept, f"{name}: {operator} by ({labels})"
+        if "record" in rule:
+            assert rule["record"].startswith("namespace_job:"), name
 
 
 def test_promtool_checks_the_rules() -> None:
