@@ -392,6 +392,13 @@ def test_probes_hit_the_ops_port() -> None:
         assert container()[probe]["httpGet"] == {"path": path, "port": "http-ops"}
 
 
+def test_unready_pods_can_always_be_evicted() -> None:
+    """The PDB counts only ready pods against its budget, so unready ones never block a drain."""
+    pdb = resource("PodDisruptionBudget")["spec"]
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["maxUnavailable"] == 1
+
+
 def test_container_is_locked_down() -> None:
     """Non-root, read-only root filesystem, no privilege escalation, every capability dropped."""
     pod = resource("Deployment")["spec"]["template"]["spec"]
@@ -675,6 +682,7 @@ def test_alert_rules_cover_the_required_conditions() -> None:
         "ChatWorkerDeadLetters",
         "ChatWorkerConsumerLagGrowing",
         "ChatWorkerVapiNotReady",
+        "ChatWorkerBrokerUnreachable",
         "ChatWorkerNoDeltasWhileInFlight",
     } <= alerts
 
