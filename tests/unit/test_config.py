@@ -72,3 +72,13 @@ def test_a_bad_number_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORKER_MAX_IN_FLIGHT", "0")
     with pytest.raises(ValidationError, match="worker_max_in_flight"):
         Settings()
+
+
+def test_validating_settings_twice_keeps_the_key_from_the_file(tmp_path: Path) -> None:
+    """model_validate runs a BaseSettings' after-validators twice on one instance; the key read
+    from the file on the first run is not then taken for a second, conflicting source."""
+    key_file = tmp_path / "vapi-key"
+    key_file.write_text("sk-from-the-file\n")
+    settings = Settings.model_validate({"vapi_api_key_file": str(key_file)})
+    assert settings.vapi_api_key is not None
+    assert settings.vapi_api_key.get_secret_value() == "sk-from-the-file"
