@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -90,14 +90,24 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    #: True once vapi_api_key came from VAPI_API_KEY_FILE. An after-validator may run twice on
+    #: one instance (model_validate of a BaseSettings does), so the check must know its own work.
+    _key_from_file: bool = PrivateAttr(default=False)
+
     @model_validator(mode="after")
     def _read_key_file(self) -> Settings:
-        if self.vapi_api_key is None and self.vapi_api_key_file is not None:
-            try:
-                key = self.vapi_api_key_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read VAPI_API_KEY_FILE: {exc.strerror}") from exc
-            self.vapi_api_key = SecretStr(key)
+        if self.vapi_api_key_file is None or self._key_from_file:
+            return self
+        if self.vapi_api_key is not None:
+            raise ConfigError(
+                "VAPI_API_KEY and VAPI_API_KEY_FILE are both set: set only one of them"
+            )
+        try:
+            key = self.vapi_api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read VAPI_API_KEY_FILE: {exc.strerror}") from exc
+        self.vapi_api_key = SecretStr(key)
+        self._key_from_file = True
         return self
 
     def default_assistant_id(self) -> str:

@@ -10,7 +10,7 @@
         ├── VapiStreamBrokenError  the stream ended abnormally after it started    retryable
         ├── VapiProtocolError      not Vapi's SSE (content type, undecodable)      not retryable
         └── VapiStatusError        a non-2xx status; retryable for 429 and 5xx
-            ├── VapiAuthError        401/403: bad key; the worker reports itself unready
+            ├── VapiAuthError        401/403: bad key; reported, not retried
             └── VapiRateLimitedError 429, with the server's Retry-After in seconds if given
 
 Lower-level exceptions (httpx, json) are mapped to these at one boundary, ``worker.vapi.client``,

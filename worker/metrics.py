@@ -18,6 +18,7 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_malformed_events_total           SSE events that could not be decoded
     chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
+    chat_worker_broker_reachable                 1 when the last broker metadata request succeeded
 """
 
 from __future__ import annotations
@@ -204,8 +205,13 @@ class WorkerMetrics:
             "0 after Vapi rejected the API key (401/403), 1 otherwise (also before any call).",
             registry=registry,
         )
-        # Not known to be bad until Vapi says so, like the readiness check's vapi_auth.
+        # Not known to be bad until Vapi says so, like the reported dependency vapi_auth.
         self.vapi_ready.set(1)
+        self.broker_reachable = Gauge(
+            f"{PREFIX}_broker_reachable",
+            "1 when the last metadata request to the Kafka cluster (every 10 s) succeeded, else 0.",
+            registry=registry,
+        )
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
         for reason in RETRY_REASONS:

@@ -4,8 +4,12 @@
 callable agrees. ``/readyz`` answers 200 when every check of the readiness callable is true, else
 503; the body is JSON either way, e.g.
 ``{"ready": false, "checks": {"assigned": true, "recovered": false}, "failing": ["recovered"]}``.
-A readiness callable that raises counts as not ready. Access logs are off: probes would drown the
-worker's own lines.
+A readiness callable that raises counts as not ready.
+
+The optional dependencies callable reports what every pod shares (the broker, the Vapi key) under
+``"dependencies"`` in both bodies and never changes a status: a shared failure would take every
+pod out at once, which helps nothing and blocks node drains. One that raises reports ``{}``.
+Access logs are off: probes would drown the worker's own lines.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ class OpsServer:
         port: int = 6066,
         *,
         liveness: Liveness | None = None,
+        dependencies: Readiness | None = None,
     ) -> None:
         self._registry = registry
         self._readiness = readiness
         self._liveness = liveness
+        self._dependencies = dependencies
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -88,7 +94,8 @@ class OpsServer:
     async def _healthz(self, _request: web.Request) -> web.Response:
         alive = self._liveness is None or _call_quietly(self._liveness)
         status = 200 if alive else 503
-        return web.json_response({"alive": alive}, status=status, headers=_NO_CACHE)
+        body: dict[str, object] = {"alive": alive, **self._dependency_report()}
+        return web.json_response(body, status=status, headers=_NO_CACHE)
 
     async def _readyz(self, _request: web.Request) -> web.Response:
         try:
@@ -99,8 +106,18 @@ class OpsServer:
             return web.json_response(body, status=503, headers=_NO_CACHE)
         failing = sorted(name for name, ok in checks.items() if not ok)
         ready = not failing
-        body = {"ready": ready, "checks": checks, "failing": failing}
+        body = {"ready": ready, "checks": checks, "failing": failing, **self._dependency_report()}
         return web.json_response(body, status=200 if ready else 503, headers=_NO_CACHE)
+
+    def _dependency_report(self) -> dict[str, dict[str, bool]]:
+        if self._dependencies is None:
+            return {}
+        try:
+            shared = {name: bool(ok) for name, ok in self._dependencies().items()}
+        except Exception as exc:
+            _log.warning("dependency report raised", exc_info=exc)
+            shared = {}
+        return {"dependencies": shared}
 
 
 def _call_quietly(check: Liveness) -> bool:

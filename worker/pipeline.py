@@ -152,8 +152,8 @@ class RequestHandler:
         self._wall = wall_clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        #: False after Vapi refused the key (401/403), until a call succeeds again: /readyz
-        #: reports the worker unready so operators see it, without a retry storm.
+        #: False after Vapi refused the key (401/403), until a call succeeds again: /healthz and
+        #: /readyz report it under dependencies and chat_worker_vapi_ready is 0; no retry storm.
         self.auth_ok = True
 
     async def handle(

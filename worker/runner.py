@@ -62,18 +62,22 @@ def vapi_endpoint(settings: Settings) -> tuple[str, str]:
     return settings.effective_vapi_base_url(), settings.vapi_api_key.get_secret_value()
 
 
-def readiness(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
-    """What /readyz reports: assigned (no rebalance under way), table recovered, broker
-    reachable, Vapi key good."""
+def readiness(worker: Worker) -> Mapping[str, bool]:
+    """What /readyz gates on: this pod's own ability to work. Started, assigned (no rebalance
+    under way), table recovered. Nothing every pod shares: that is ``dependencies``."""
     app = worker.app
     recovery = cast(Any, app.tables).recovery
     return {
         "started": bool(app.started),
         "assigned": not app.rebalancing,
         "recovered": recovery.completed.is_set(),
-        "broker": broker.reachable,
-        "vapi_auth": worker.vapi_auth_ok(),
     }
+
+
+def dependencies(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
+    """What every pod shares, reported by /healthz and /readyz and never failing them: broker
+    reachable, Vapi key accepted (also chat_worker_broker_reachable, chat_worker_vapi_ready)."""
+    return {"broker": broker.reachable, "vapi_auth": worker.vapi_auth_ok()}
 
 
 def run_worker(settings: Settings) -> int:
@@ -90,17 +94,25 @@ def run_worker(settings: Settings) -> int:
     metrics = WorkerMetrics(registry)
     worker = build_worker(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
     broker = BrokerProbe(settings)
-    ops = OpsServer(registry, lambda: readiness(worker, broker), port=settings.worker_http_port)
+    ops = OpsServer(
+        registry,
+        lambda: readiness(worker),
+        port=settings.worker_http_port,
+        dependencies=lambda: dependencies(worker, broker),
+    )
+
+    async def check_broker() -> None:
+        metrics.broker_reachable.set(1 if await broker.check() else 0)
 
     @worker.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def serve_ops() -> None:
-        await broker.check()
+        await check_broker()
         await ops.start()
         log.info("ops endpoints up", port=ops.port, paths=["/metrics", "/healthz", "/readyz"])
 
     @worker.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def probe_broker() -> None:
-        await broker.check()
+        await check_broker()
 
     faust_worker = faust.Worker(
         worker.app,

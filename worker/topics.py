@@ -175,7 +175,8 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
 
 
 class BrokerProbe:
-    """Answers "is the broker reachable?" for /readyz, with one small admin request at a time."""
+    """Answers "is the broker reachable?" for the ops endpoints' dependencies, with one small
+    admin request at a time."""
 
     def __init__(self, settings: Settings, *, timeout_s: float = 5.0) -> None:
         self._settings = settings

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.component
 
 
 class Probe:
-    """Mutable readiness and liveness state that the tests flip."""
+    """Mutable readiness, liveness and dependency state that the tests flip."""
 
     def __init__(self) -> None:
-        self.checks = {"assigned": True, "recovered": True, "broker": True, "vapi_auth": True}
+        self.checks = {"started": True, "assigned": True, "recovered": True}
+        self.shared = {"broker": True, "vapi_auth": True}
         self.alive = True
         self.fail = False
+        self.fail_dependencies = False
 
     def readiness(self) -> dict[str, bool]:
         """The current checks, or an error when told to fail."""
@@ -36,6 +38,12 @@ class Probe:
     def liveness(self) -> bool:
         """Whether the process says it is alive."""
         return self.alive
+
+    def dependencies(self) -> dict[str, bool]:
+        """What every pod shares, or an error when told to fail."""
+        if self.fail_dependencies:
+            raise RuntimeError("probe broken")
+        return dict(self.shared)
 
 
 @pytest.fixture
@@ -53,7 +61,14 @@ def metrics() -> WorkerMetrics:
 @pytest.fixture
 async def server(metrics: WorkerMetrics, probe: Probe) -> AsyncIterator[OpsServer]:
     """A started server on an ephemeral loopback port, stopped after the test."""
-    ops = OpsServer(metrics.registry, probe.readiness, "127.0.0.1", 0, liveness=probe.liveness)
+    ops = OpsServer(
+        metrics.registry,
+        probe.readiness,
+        "127.0.0.1",
+        0,
+        liveness=probe.liveness,
+        dependencies=probe.dependencies,
+    )
     await ops.start()
     yield ops
     await ops.stop()
@@ -97,7 +112,7 @@ async def test_healthz_is_200_while_alive(client: httpx.AsyncClient) -> None:
     """/healthz answers 200 while the loop runs and the liveness callable agrees."""
     response = await client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"alive": True}
+    assert response.json() == {"alive": True, "dependencies": {"broker": True, "vapi_auth": True}}
 
 
 async def test_healthz_is_503_when_liveness_says_no(
@@ -116,7 +131,8 @@ async def test_readyz_is_200_when_every_check_passes(client: httpx.AsyncClient) 
     body = response.json()
     assert body["ready"] is True
     assert body["failing"] == []
-    assert set(body["checks"]) == {"assigned", "recovered", "broker", "vapi_auth"}
+    assert set(body["checks"]) == {"started", "assigned", "recovered"}
+    assert body["dependencies"] == {"broker": True, "vapi_auth": True}
 
 
 async def test_readyz_is_503_naming_what_is_not_ready(
@@ -124,13 +140,38 @@ async def test_readyz_is_503_naming_what_is_not_ready(
 ) -> None:
     """/readyz answers 503 and names each failing check in its JSON body."""
     probe.checks["recovered"] = False
-    probe.checks["vapi_auth"] = False
+    probe.checks["assigned"] = False
     response = await client.get("/readyz")
     assert response.status_code == 503
     body = response.json()
     assert body["ready"] is False
-    assert body["failing"] == ["recovered", "vapi_auth"]
-    assert body["checks"]["assigned"] is True
+    assert body["failing"] == ["assigned", "recovered"]
+    assert body["checks"]["started"] is True
+
+
+async def test_failing_dependencies_are_reported_but_fail_neither_probe(
+    client: httpx.AsyncClient, probe: Probe
+) -> None:
+    """An unreachable broker or a refused key shows in both bodies; both still answer 200."""
+    probe.shared = {"broker": False, "vapi_auth": False}
+    ready = await client.get("/readyz")
+    health = await client.get("/healthz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True
+    assert ready.json()["dependencies"] == {"broker": False, "vapi_auth": False}
+    assert health.status_code == 200
+    assert health.json()["dependencies"] == {"broker": False, "vapi_auth": False}
+
+
+async def test_a_dependencies_callable_that_raises_fails_neither_probe(
+    client: httpx.AsyncClient, probe: Probe
+) -> None:
+    """Reporting is best effort: an error there leaves the dependencies empty, the status 200."""
+    probe.fail_dependencies = True
+    for path in ("/readyz", "/healthz"):
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        assert response.json()["dependencies"] == {}, path
 
 
 async def test_readyz_is_503_when_the_readiness_callable_raises(

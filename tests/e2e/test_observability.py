@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.e2e.harness import (
@@ -100,3 +101,42 @@ async def test_counters_move_by_what_the_run_did_and_logs_close_each_request(
     # No line per delta at the default level: far fewer lines than deltas.
     per_request = [line for line in lines if line.get("request_id")]
     assert len(per_request) < deltas_on_topic / 2
+
+
+async def test_a_rejected_key_keeps_the_pod_ready_and_shows_in_metrics_and_dependencies(
+    kafka_bootstrap: str, simulator: SimulatorProcess, unique_name: str, tmp_path: Path
+) -> None:
+    """A key Vapi refuses, read from VAPI_API_KEY_FILE, fails the request with a 401 and shows as
+    chat_worker_vapi_ready 0 and dependencies.vapi_auth false, while /readyz stays 200: the key is
+    shared by every pod, so it must not take them all out of service at once."""
+    key_file = tmp_path / "vapi-api-key"
+    key_file.write_text("not-the-simulator-key\n")
+    topics = Topics.unique(unique_name)
+    worker = WorkerProcess(
+        kafka_bootstrap, topics, simulator, tmp_path, VAPI_API_KEY_FILE=str(key_file)
+    )
+    del worker.env["VAPI_API_KEY"]  # the file is the only source, as in the k8s Deployment
+    worker.start()
+    try:
+        worker.wait_ready()
+        async with OutputReader(kafka_bootstrap, topics) as reader:
+            await produce(
+                kafka_bootstrap, topics.requests, [request_record("conv-k", "conv-k-1", "Hello?")]
+            )
+            await reader.wait_for_responses(["conv-k-1"], 60)
+            (response,) = reader.outputs.responses
+        assert response["status"] == "failed"
+        assert response["error"]["http_status"] == 401
+        metrics = worker.metrics()
+        assert _sample(metrics, "chat_worker_vapi_ready") == 0
+        assert _sample(metrics, "chat_worker_broker_reachable") == 1
+        base = f"http://127.0.0.1:{worker.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            ready = await http.get("/readyz")
+            health = await http.get("/healthz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["dependencies"] == {"broker": True, "vapi_auth": False}
+        assert health.status_code == 200, health.text
+        assert health.json()["dependencies"] == {"broker": True, "vapi_auth": False}
+    finally:
+        worker.terminate()

@@ -39,6 +39,20 @@ def test_an_unreadable_key_file_is_a_clear_configuration_error(
         Settings()
 
 
+def test_a_key_and_a_key_file_at_once_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VAPI_API_KEY and VAPI_API_KEY_FILE together are ambiguous: start-up stops, naming both."""
+    key_file = tmp_path / "vapi-key"
+    key_file.write_text("sk-from-the-file\n")
+    monkeypatch.setenv("VAPI_API_KEY", "sk-from-the-env")
+    monkeypatch.setenv("VAPI_API_KEY_FILE", str(key_file))
+    with pytest.raises((ConfigError, ValidationError)) as raised:
+        Settings()
+    assert "VAPI_API_KEY and VAPI_API_KEY_FILE" in str(raised.value)
+    assert "sk-from" not in str(raised.value)
+
+
 def test_a_real_vapi_needs_an_assistant_id(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a key but no VAPI_ASSISTANT_ID, asking for the default assistant is an error."""
     monkeypatch.setenv("VAPI_API_KEY", "k")
@@ -58,3 +72,13 @@ def test_a_bad_number_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORKER_MAX_IN_FLIGHT", "0")
     with pytest.raises(ValidationError, match="worker_max_in_flight"):
         Settings()
+
+
+def test_validating_settings_twice_keeps_the_key_from_the_file(tmp_path: Path) -> None:
+    """model_validate runs a BaseSettings' after-validators twice on one instance; the key read
+    from the file on the first run is not then taken for a second, conflicting source."""
+    key_file = tmp_path / "vapi-key"
+    key_file.write_text("sk-from-the-file\n")
+    settings = Settings.model_validate({"vapi_api_key_file": str(key_file)})
+    assert settings.vapi_api_key is not None
+    assert settings.vapi_api_key.get_secret_value() == "sk-from-the-file"

@@ -1,10 +1,13 @@
 """Deployment artefacts checked offline: k8s manifests, compose file, Dockerfile, dashboard, alerts.
 
 How each kind of file is validated:
-- Core Kubernetes manifests (k8s/*.yaml, and everything ``kubectl kustomize k8s`` renders) against
-  the Kubernetes OpenAPI schemas shipped by kubernetes-validate, for K8S_VERSION, in strict mode
-  (unknown fields are errors).
-- CRDs (ServiceMonitor, PrometheusRule) have no schema there: a hand-written structural check, and
+- Core Kubernetes manifests (every resource file of the base k8s/ and of k8s/components/*, and
+  everything ``kubectl kustomize`` renders for the base, each overlay and each component on the
+  base) against the Kubernetes OpenAPI schemas shipped by kubernetes-validate, for K8S_VERSION, in
+  strict mode (unknown fields are errors).
+- KEDA's ScaledObject and TriggerAuthentication against KEDA's CRD schemas, vendored under
+  tests/data/keda (see its README for origin and licence), unknown fields rejected.
+- Prometheus Operator CRDs (ServiceMonitor, PrometheusRule): a hand-written structural check, and
   the PrometheusRule must equal k8s/monitoring/alerts.rules.yml, which promtool checks and tests.
 - docker-compose.yml against the Compose Specification's JSON schema, vendored under
   tests/data/compose-spec (see its README for origin and licence).
@@ -13,8 +16,8 @@ How each kind of file is validated:
 - Every ``chat_worker_*`` name in the dashboard and the alert rules must be exported by
   WorkerMetrics (collected from a fresh registry).
 - promtool (Debian package ``prometheus``) checks the rules, runs their unit tests and checks the
-  compose Prometheus config; kubectl renders the kustomization. Without the tool, those tests skip
-  outside CI and fail in CI.
+  compose Prometheus config; kubectl renders the kustomizations. Without the tool, those tests
+  skip outside CI and fail in CI.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
+COMPONENTS = K8S / "components"
+OVERLAYS = ROOT / "deploy" / "k8s"
+KEDA_SCHEMAS = ROOT / "tests" / "data" / "keda"
+README = ROOT / "README.md"
 MONITORING = K8S / "monitoring"
 DASHBOARD = MONITORING / "vapi-stream-worker.json"
 RULES = MONITORING / "alerts.rules.yml"
@@ -55,13 +62,54 @@ DOCKERFILE = ROOT / "Dockerfile"
 #: The Kubernetes version whose schemas the manifests must satisfy (the oldest we support).
 K8S_VERSION = "1.31.0"
 
-#: Files under k8s/ that are not kustomize resources, and what checks them.
+#: Files under k8s/ that are neither kustomize resources nor kustomization files, and their tests.
 NON_RESOURCES = {
-    "kustomization.yaml": "test_kustomization_*",
     "secret.example.yaml": "test_example_secret_is_only_comments_and_valid_once_uncommented",
+    "components/keda/triggerauthentication.example.yaml": (
+        "test_example_trigger_authentication_is_only_comments_and_valid_once_uncommented"
+    ),
     "monitoring/alerts.rules.yml": "promtool tests",
     "monitoring/alerts.test.yml": "test_promtool_runs_the_alert_rule_unit_tests",
     "monitoring/vapi-stream-worker.json": "dashboard tests",
+}
+
+#: Each kustomize component: the kind it adds, and the cluster prerequisite the README must name.
+COMPONENTS_NEED = {
+    "keda": ("ScaledObject", "KEDA"),
+    "hpa": ("HorizontalPodAutoscaler", "prometheus-adapter"),
+    "prometheus-operator": ("ServiceMonitor", "Prometheus Operator"),
+}
+
+#: What the base applies on any cluster: core kinds only.
+BASE_KINDS = ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]
+
+#: Each shipped kustomization directory, the base and the overlays (which kustomize cannot nest
+#: inside their base), relative to the repository, and the kinds it renders.
+BUILDS = {
+    "k8s": BASE_KINDS,
+    "deploy/k8s/keda": [*BASE_KINDS, "ScaledObject"],
+    "deploy/k8s/keda-prometheus-operator": [
+        *BASE_KINDS,
+        "ScaledObject",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ],
+    "deploy/k8s/hpa-prometheus-operator": [
+        *BASE_KINDS,
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "PrometheusRule",
+    ],
+}
+
+#: The overlay the README gives as the way to deploy.
+DEFAULT_OVERLAY = "deploy/k8s/keda"
+
+#: KEDA's CRD schemas by (apiVersion, kind).
+KEDA_CRDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): KEDA_SCHEMAS / "scaledobject.schema.yaml",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): KEDA_SCHEMAS
+    / "triggerauthentication.schema.yaml",
 }
 
 #: Minimum seconds between the worker's drain (WORKER_SHUTDOWN_GRACE_S) and the SIGKILL.
@@ -69,6 +117,10 @@ SHUTDOWN_MARGIN_S = 10
 
 APT_HINT = "apt-get install -y --no-install-recommends prometheus"
 METRIC_NAME = re.compile(r"\bchat_worker_[A-Za-z0-9_]+")
+#: A metric name in PromQL and its label matchers, if any: ``chat_worker_x{a="b"}``.
+METRIC_SELECTOR = re.compile(r"\b(chat_worker_[A-Za-z0-9_]+)\s*(\{[^}]*\})?")
+#: An aggregation and its ``by (...)`` labels, if any, up to its opening parenthesis.
+AGGREGATION = re.compile(r"\b(sum|min|max|avg|count|group)\s*(?:by\s*\(([^)]*)\))?\s*\(")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +153,31 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
 
 
 @cache
-def kustomization() -> dict[str, Any]:
-    """k8s/kustomization.yaml."""
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())  # type: ignore[no-any-return]
+def kustomization(directory: Path = K8S) -> dict[str, Any]:
+    """The kustomization.yaml of a directory, k8s/ (the base) unless told."""
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def kustomization_dirs() -> list[Path]:
+    """Every directory under k8s/ with a kustomization.yaml: base, components, overlays."""
+    return sorted(path.parent for path in K8S.rglob("kustomization.yaml"))
+
+
+def resource_files() -> list[str]:
+    """Every manifest file (not directory) some kustomization lists, relative to k8s/."""
+    files = set()
+    for directory in kustomization_dirs():
+        for entry in kustomization(directory).get("resources", []):
+            path = (directory / entry).resolve()
+            if path.is_file():
+                files.add(str(path.relative_to(K8S)))
+    return sorted(files)
 
 
 @cache
 def resources() -> tuple[dict[str, Any], ...]:
-    """Every document of every resource file the kustomization lists."""
-    return tuple(doc for name in kustomization()["resources"] for doc in load_yaml_docs(K8S / name))
+    """Every document of every resource file of the base and the components."""
+    return tuple(doc for name in resource_files() for doc in load_yaml_docs(K8S / name))
 
 
 def resource(kind: str) -> dict[str, Any]:
@@ -127,6 +195,81 @@ def container() -> dict[str, Any]:
 def config_map() -> dict[str, str]:
     """The worker's settings ConfigMap data."""
     return resource("ConfigMap")["data"]  # type: ignore[no-any-return]
+
+
+def pod_spec() -> dict[str, Any]:
+    """The Deployment's pod template spec."""
+    return resource("Deployment")["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of a directory, as documents."""
+    kubectl = require_tool("kubectl", "kubectl with built-in kustomize")
+    return [
+        doc for doc in yaml.safe_load_all(run_tool(kubectl, "kustomize", str(directory))) if doc
+    ]
+
+
+def overlay(tmp_path: Path, components: list[str]) -> Path:
+    """A throw-away overlay of the base with the given components, as an operator would write."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S, tmp_path)],
+        "components": [os.path.relpath(COMPONENTS / name, tmp_path) for name in components],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def strict(schema: Any) -> Any:
+    """A CRD's structural schema as the API server applies it with strict field validation:
+    an object schema that neither lists additionalProperties nor preserves unknown fields
+    rejects fields it does not list."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: strict(value) for key, value in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        result["additionalProperties"] = False
+    return result
+
+
+@cache
+def keda_schema(api_version: str, kind: str) -> dict[str, Any]:
+    """The strict JSON schema of a vendored KEDA CRD."""
+    return strict(yaml.safe_load(KEDA_CRDS[(api_version, kind)].read_text()))  # type: ignore[no-any-return]
+
+
+def keda_errors(doc: dict[str, Any]) -> list[str]:
+    """Where a KEDA object breaks its CRD schema; empty when it validates."""
+    schema = keda_schema(doc["apiVersion"], doc["kind"])
+    validator = jsonschema.Draft7Validator(schema)
+    return [
+        f"{'/'.join(str(p) for p in error.absolute_path)}: {error.message}"
+        for error in validator.iter_errors(doc)
+    ]
+
+
+def uncommented(path: Path, first_line: str) -> dict[str, Any]:
+    """The YAML document a comments-only example holds once its lines from first_line on are
+    uncommented; the file itself must hold no document."""
+    assert not load_yaml_docs(path), f"{path.name} must be comments only"
+    lines = path.read_text().splitlines()
+    start = lines.index(first_line)
+    text = "\n".join(line.removeprefix("# ").removeprefix("#") for line in lines[start:])
+    return yaml.safe_load(text)  # type: ignore[no-any-return]
+
+
+def readme_section(title: str) -> str:
+    """A second-level section of README.md, without its heading."""
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 @cache
@@ -222,10 +365,16 @@ CRD_CHECKS: dict[tuple[str, str], Callable[[dict[str, Any]], None]] = {
 
 
 def validate_manifest(doc: dict[str, Any]) -> None:
-    """Schema-validate a core resource, or structure-check a known CRD; anything else fails."""
+    """Schema-validate a core resource or a KEDA object, or structure-check a known CRD; anything
+    else fails."""
     check = CRD_CHECKS.get((doc["apiVersion"], doc["kind"]))
     if check is not None:
         check(doc)
+        return
+    if (doc["apiVersion"], doc["kind"]) in KEDA_CRDS:
+        errors = keda_errors(doc)
+        if errors:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {errors}", pytrace=False)
         return
     problem = None
     try:
@@ -268,43 +417,92 @@ def grace_s() -> float:
 
 
 def test_every_file_under_k8s_is_a_resource_or_accounted_for() -> None:
-    """No manifest escapes the checks: each file is a kustomize resource or listed with its test."""
+    """No manifest escapes the checks: each file is a kustomize resource, a kustomization, or
+    listed with its test."""
     on_disk = {
         str(path.relative_to(K8S))
         for path in K8S.rglob("*")
         if path.is_file() and path.suffix in {".yaml", ".yml", ".json"}
     }
-    assert on_disk == set(kustomization()["resources"]) | set(NON_RESOURCES)
+    kustomizations = {
+        str((directory / "kustomization.yaml").relative_to(K8S))
+        for directory in kustomization_dirs()
+    }
+    assert on_disk == set(resource_files()) | kustomizations | set(NON_RESOURCES)
 
 
-@pytest.mark.parametrize("name", kustomization()["resources"])
+@pytest.mark.parametrize("name", resource_files())
 def test_each_resource_file_validates(name: str) -> None:
-    """Each resource file validates against the Kubernetes schemas (CRDs: structural check)."""
+    """Each resource file validates against the Kubernetes or KEDA schemas (Prometheus Operator
+    CRDs: structural check)."""
     docs = load_yaml_docs(K8S / name)
     assert docs, f"{name} holds no resource"
     for doc in docs:
         validate_manifest(doc)
 
 
-def test_kustomization_renders_and_every_output_validates() -> None:
-    """``kubectl kustomize k8s`` succeeds and each rendered object validates as above."""
-    kubectl = require_tool("kubectl", "kubectl with built-in kustomize")
-    rendered = [doc for doc in yaml.safe_load_all(run_tool(kubectl, "kustomize", str(K8S))) if doc]
-    kinds = sorted(doc["kind"] for doc in rendered)
-    assert kinds == sorted(
-        [
-            "ConfigMap",
-            "ConfigMap",
-            "Deployment",
-            "HorizontalPodAutoscaler",
-            "PodDisruptionBudget",
-            "PrometheusRule",
-            "Service",
-            "ServiceMonitor",
-        ]
-    )
+def test_every_shipped_kustomization_is_built_by_a_test() -> None:
+    """The base and each overlay are in BUILDS; each component is in COMPONENTS_NEED."""
+    overlays = {str(path.relative_to(ROOT)) for path in OVERLAYS.iterdir() if path.is_dir()}
+    assert {"k8s", *overlays} == set(BUILDS)
+    assert {path.name for path in COMPONENTS.iterdir() if path.is_dir()} == set(COMPONENTS_NEED)
+    for name in COMPONENTS_NEED:
+        assert kustomization(COMPONENTS / name)["kind"] == "Component"
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_each_kustomization_renders_and_every_output_validates(build: str) -> None:
+    """``kubectl kustomize`` of the base and of each overlay succeeds with the expected kinds, and
+    each rendered object validates as above."""
+    rendered = render(ROOT / build)
+    assert sorted(doc["kind"] for doc in rendered) == sorted(BUILDS[build])
     for doc in rendered:
         validate_manifest(doc)
+
+
+def test_the_base_applies_on_any_cluster() -> None:
+    """``kubectl apply -k k8s/`` needs no CRD: only core API groups, which every cluster serves."""
+    for doc in render(K8S):
+        assert doc["apiVersion"] in {"v1", "apps/v1", "policy/v1"}, doc["kind"]
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS_NEED))
+def test_each_component_on_the_base_renders_and_validates(component: str, tmp_path: Path) -> None:
+    """Each component added alone to the base renders, adds its kind, and validates."""
+    rendered = render(overlay(tmp_path, [component]))
+    kinds = [doc["kind"] for doc in rendered]
+    assert COMPONENTS_NEED[component][0] in kinds
+    for doc in rendered:
+        validate_manifest(doc)
+
+
+def test_two_autoscalers_cannot_be_combined(tmp_path: Path) -> None:
+    """KEDA and the HPA would fight over the replica count: the two components fail to build
+    together (each removes the Deployment's replicas, which the second cannot find)."""
+    kubectl = require_tool("kubectl", "kubectl with built-in kustomize")
+    directory = overlay(tmp_path, ["keda", "hpa"])
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, timeout=60, check=False
+    )
+    assert proc.returncode != 0
+    assert b"replicas" in proc.stderr
+
+
+@pytest.mark.parametrize("build", sorted(BUILDS))
+def test_an_autoscaler_owns_the_replica_count(build: str) -> None:
+    """With an autoscaler the Deployment sets no replicas (each apply would reset the scale);
+    without one it runs as many as the autoscalers' minimum."""
+    rendered = render(ROOT / build)
+    (deployment,) = [doc for doc in rendered if doc["kind"] == "Deployment"]
+    autoscaled = {"ScaledObject", "HorizontalPodAutoscaler"} & {doc["kind"] for doc in rendered}
+    if autoscaled:
+        assert "replicas" not in deployment["spec"]
+    else:
+        assert deployment["spec"]["replicas"] == resource("ScaledObject")["spec"]["minReplicaCount"]
+        assert (
+            deployment["spec"]["replicas"]
+            == resource("HorizontalPodAutoscaler")["spec"]["minReplicas"]
+        )
 
 
 def test_kustomization_generates_the_dashboard_from_the_compose_file() -> None:
@@ -317,16 +515,38 @@ def test_kustomization_generates_the_dashboard_from_the_compose_file() -> None:
 
 
 def test_example_secret_is_only_comments_and_valid_once_uncommented() -> None:
-    """The example Secret ships no key, yet uncommented it is the Secret the Deployment reads."""
-    text = (K8S / "secret.example.yaml").read_text()
-    assert not load_yaml_docs(K8S / "secret.example.yaml")
-    lines = text.splitlines()
-    start = lines.index("# apiVersion: v1")
-    secret = yaml.safe_load("\n".join(line.removeprefix("# ") for line in lines[start:]))
+    """The example Secret ships no key, yet uncommented it is the Secret the Deployment mounts."""
+    secret = uncommented(K8S / "secret.example.yaml", "# apiVersion: v1")
     validate_manifest(secret)
-    ref = container()["env"][0]["valueFrom"]["secretKeyRef"]
-    assert secret["metadata"]["name"] == ref["name"]
-    assert ref["key"] in secret["stringData"]
+    source = api_key_volume_source()
+    assert secret["metadata"]["name"] == source["name"]
+    assert {item["key"] for item in source["items"]} <= set(secret["stringData"])
+
+
+def test_example_trigger_authentication_is_only_comments_and_valid_once_uncommented() -> None:
+    """The SASL/TLS TriggerAuthentication for KEDA's Kafka scaler validates against KEDA's schema
+    once uncommented, and gives only parameters the Kafka scaler reads."""
+    path = COMPONENTS / "keda" / "triggerauthentication.example.yaml"
+    auth = uncommented(path, "# apiVersion: keda.sh/v1alpha1")
+    validate_manifest(auth)
+    parameters = {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
+    assert parameters <= {"sasl", "username", "password", "tls", "ca", "cert", "key"}
+    assert {"sasl", "username", "password"} <= parameters
+    (secret,) = {ref["name"] for ref in auth["spec"]["secretTargetRef"]}
+    assert "--from-literal=sasl=" in path.read_text()
+    assert f"secret generic {secret} " in path.read_text()
+    assert f"authenticationRef:\n#     name: {auth['metadata']['name']}" in path.read_text()
+
+
+def test_keda_schema_rejects_a_misspelt_key() -> None:
+    """The vendored schema, made strict, catches typos, so validating against it means something."""
+    scaled = json.loads(json.dumps(resource("ScaledObject")))
+    assert keda_errors(scaled) == []
+    scaled["spec"]["minReplicas"] = scaled["spec"].pop("minReplicaCount")
+    assert keda_errors(scaled)
+    del scaled["spec"]["minReplicas"]
+    scaled["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 10
+    assert keda_errors(scaled), "trigger metadata values must be strings"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,14 +573,44 @@ def test_k8s_sets_what_the_worker_needs() -> None:
     assert config_map()["LOG_FORMAT"] == "json"
 
 
-def test_api_key_comes_from_a_secret_only() -> None:
-    """VAPI_API_KEY is a secretKeyRef in the Deployment and absent from the ConfigMap."""
-    assert "VAPI_API_KEY" not in config_map()
-    (key,) = [env for env in container()["env"] if env["name"] == "VAPI_API_KEY"]
-    assert set(key) == {"name", "valueFrom"}
-    assert key["valueFrom"]["secretKeyRef"]["key"] == "VAPI_API_KEY"
-    (source,) = container()["envFrom"]
-    assert source["configMapRef"]["name"] == resource("ConfigMap")["metadata"]["name"]
+def api_key_volume_source() -> dict[str, Any]:
+    """The Secret source of the projected volume VAPI_API_KEY_FILE lies on."""
+    env = {item["name"]: item for item in container()["env"]}
+    key_file = Path(env["VAPI_API_KEY_FILE"]["value"])
+    mounts = [m for m in container()["volumeMounts"] if Path(m["mountPath"]) == key_file.parent]
+    (mount,) = mounts
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    (item,) = source["secret"]["items"]
+    assert item["path"] == key_file.name
+    return source["secret"]  # type: ignore[no-any-return]
+
+
+def test_api_key_is_a_file_on_a_projected_secret_volume() -> None:
+    """The key reaches the worker as VAPI_API_KEY_FILE on a read-only projected Secret volume,
+    as the README says: never as an environment variable, never in the ConfigMap."""
+    assert not {"VAPI_API_KEY", "VAPI_API_KEY_FILE"} & set(config_map())
+    env = {item["name"]: item for item in container()["env"]}
+    assert "VAPI_API_KEY" not in env
+    assert set(env["VAPI_API_KEY_FILE"]) == {"name", "value"}
+    source = api_key_volume_source()
+    assert source["name"] == "vapi-stream-worker"
+    assert source.get("optional", False) is False
+    (envfrom,) = container()["envFrom"]
+    assert envfrom["configMapRef"]["name"] == resource("ConfigMap")["metadata"]["name"]
+
+
+def test_the_mounted_key_file_configures_the_worker(tmp_path: Path) -> None:
+    """ConfigMap values plus the key file at the Deployment's path (moved under tmp_path) parse
+    as Settings that call the real Vapi with the key from the file."""
+    env = {item["name"]: item for item in container()["env"]}
+    key_file = tmp_path / Path(env["VAPI_API_KEY_FILE"]["value"]).name
+    key_file.write_text("sk-mounted\n")
+    settings = parse_settings({**config_map(), "VAPI_API_KEY_FILE": str(key_file)})
+    assert settings.vapi_api_key is not None
+    assert settings.vapi_api_key.get_secret_value() == "sk-mounted"
+    assert not settings.uses_embedded_simulator
 
 
 def test_configmap_values_parse_as_settings() -> None:
@@ -372,7 +622,7 @@ def test_configmap_values_parse_as_settings() -> None:
 
 def test_grace_period_covers_the_shutdown_drain() -> None:
     """terminationGracePeriodSeconds ≥ WORKER_SHUTDOWN_GRACE_S + margin, so the drain is not cut."""
-    pod = resource("Deployment")["spec"]["template"]["spec"]
+    pod = pod_spec()
     assert pod["terminationGracePeriodSeconds"] >= grace_s() + SHUTDOWN_MARGIN_S
 
 
@@ -386,6 +636,13 @@ def test_probes_hit_the_ops_port() -> None:
         ("readinessProbe", "/readyz"),
     ):
         assert container()[probe]["httpGet"] == {"path": path, "port": "http-ops"}
+
+
+def test_unready_pods_can_always_be_evicted() -> None:
+    """The PDB counts only ready pods against its budget, so unready ones never block a drain."""
+    pdb = resource("PodDisruptionBudget")["spec"]
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert pdb["maxUnavailable"] == 1
 
 
 def test_container_is_locked_down() -> None:
@@ -427,15 +684,72 @@ def test_selectors_match_the_pods() -> None:
     }
 
 
-def test_autoscaler_never_exceeds_the_partition_count() -> None:
-    """maxReplicas ≤ TOPIC_PARTITIONS (extra consumers would idle) and it targets the Deployment."""
+def test_hpa_scales_up_to_the_partition_count_on_this_deployments_metrics() -> None:
+    """maxReplicas = TOPIC_PARTITIONS (extra consumers would idle); the lag it reads is this
+    deployment's (selected by job = the Service's name), and every metric is exported."""
     hpa = resource("HorizontalPodAutoscaler")["spec"]
-    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"] <= int(config_map()["TOPIC_PARTITIONS"])
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"] == int(config_map()["TOPIC_PARTITIONS"])
     assert hpa["scaleTargetRef"]["name"] == resource("Deployment")["metadata"]["name"]
-    external = [m["external"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "External"]
-    assert external == ["chat_worker_consumer_lag"]
+    (external,) = [m["external"]["metric"] for m in hpa["metrics"] if m["type"] == "External"]
+    assert external["name"] == "chat_worker_consumer_lag"
+    assert external["selector"]["matchLabels"] == {"job": resource("Service")["metadata"]["name"]}
     pods = [m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"]
-    assert set(external + pods) <= exported_metric_names()
+    assert {external["name"], *pods} <= exported_metric_names()
+
+
+def test_keda_reads_the_lag_of_the_worker_group_on_the_request_topic() -> None:
+    """KEDA's Kafka trigger asks the worker's broker for the lag of its consumer group
+    (WORKER_APP_ID) on TOPIC_REQUESTS, scales the Deployment up to the partition count, and
+    treats a partition with no commit as the worker does (auto.offset.reset earliest)."""
+    scaled = resource("ScaledObject")["spec"]
+    settings = config_map()
+    assert scaled["scaleTargetRef"]["name"] == resource("Deployment")["metadata"]["name"]
+    assert scaled["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    assert scaled["maxReplicaCount"] == int(settings["TOPIC_PARTITIONS"])
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "kafka"
+    meta = trigger["metadata"]
+    assert meta["bootstrapServers"] == settings["KAFKA_BOOTSTRAP_SERVERS"]
+    assert meta["consumerGroup"] == settings["WORKER_APP_ID"]
+    assert meta["topic"] == settings["TOPIC_REQUESTS"]
+    assert meta["offsetResetPolicy"] == "earliest"
+    # Lag counts records taken but not finished: scale before a replica's in-flight bound is full.
+    assert 0 < int(meta["lagThreshold"]) < int(settings["WORKER_MAX_IN_FLIGHT"])
+
+
+def test_both_autoscalers_scale_alike() -> None:
+    """Same bounds and the same scale-up/scale-down behaviour whichever autoscaler is chosen."""
+    scaled = resource("ScaledObject")["spec"]
+    hpa = resource("HorizontalPodAutoscaler")["spec"]
+    assert scaled["minReplicaCount"] == hpa["minReplicas"]
+    assert scaled["maxReplicaCount"] == hpa["maxReplicas"]
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["behavior"]
+
+
+def test_readme_deploy_commands_name_shipped_kustomizations() -> None:
+    """Every ``kubectl apply -k`` / ``kubectl kustomize`` path in the README is a kustomization
+    this file builds, and the documented default is the KEDA overlay."""
+    text = README.read_text()
+    paths = re.findall(r"kubectl (?:-n \S+ )?(?:apply -k|kustomize) ([^\s`]+)", text)
+    assert paths
+    for path in paths:
+        directory = (ROOT / path).resolve()
+        assert (directory / "kustomization.yaml").is_file(), path
+        assert str(directory.relative_to(ROOT)) in BUILDS, path
+    assert f"apply -k {DEFAULT_OVERLAY}" in readme_section("Deploying on Kubernetes")
+
+
+def test_readme_deploying_section_lists_every_prerequisite() -> None:
+    """The Deploying section names each component, the cluster add-on it needs, and the Grafana
+    sidecar setting the dashboard ConfigMap needs."""
+    section = readme_section("Deploying on Kubernetes")
+    for name, (kind, prerequisite) in COMPONENTS_NEED.items():
+        assert f"k8s/components/{name}" in section, name
+        assert prerequisite in section, name
+        assert kind in section, name
+    assert "searchNamespace" in section
+    assert "secret.example.yaml" in section
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +835,8 @@ def test_compose_prometheus_scrapes_both_workers() -> None:
     targets = set(job["static_configs"][0]["targets"])
     assert targets == {f"{name}:6066" for name in compose_workers()}
     assert job["job_name"] == resource("Service")["metadata"]["name"]
+    # A namespace label as in Kubernetes, so the dashboard's $namespace has a value to pick.
+    assert job["static_configs"][0]["labels"]["namespace"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +927,30 @@ def test_dashboard_has_the_required_panels() -> None:
     assert quantiles == {"p50", "p95", "p99"}
 
 
+def test_dashboard_variables_pick_one_deployment() -> None:
+    """$namespace, then $job within it, each one value: no panel can sum two deployments."""
+    variables = [v["name"] for v in dashboard()["templating"]["list"]]
+    assert variables.index("namespace") < variables.index("job")
+    by_name = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    namespace, job = by_name["namespace"], by_name["job"]
+    assert namespace["definition"] == "label_values(chat_worker_in_flight, namespace)"
+    assert job["definition"] == 'label_values(chat_worker_in_flight{namespace="$namespace"}, job)'
+    for variable in (namespace, job):
+        assert variable["query"]["query"] == variable["definition"]
+        assert variable["multi"] is False
+        assert variable["includeAll"] is False
+
+
+def test_every_dashboard_query_is_scoped_to_the_chosen_deployment() -> None:
+    """Each metric selector of each panel query matches namespace="$namespace" and job="$job"."""
+    for title, target in dashboard_targets():
+        selectors = METRIC_SELECTOR.findall(target["expr"])
+        assert selectors, title
+        for name, matchers in selectors:
+            found = set(re.findall(r'(\w+)\s*(=~|!=|!~|=)\s*"([^"]*)"', matchers))
+            assert {("namespace", "=", "$namespace"), ("job", "=", "$job")} <= found, (title, name)
+
+
 def test_dashboard_panels_use_the_datasource_variable() -> None:
     """Panels query ${datasource}, so the dashboard works in any Grafana, compose or cluster."""
     board = dashboard()
@@ -645,6 +985,7 @@ def test_alert_rules_cover_the_required_conditions() -> None:
         "ChatWorkerDeadLetters",
         "ChatWorkerConsumerLagGrowing",
         "ChatWorkerVapiNotReady",
+        "ChatWorkerBrokerUnreachable",
         "ChatWorkerNoDeltasWhileInFlight",
     } <= alerts
 
@@ -655,6 +996,19 @@ def test_alert_rules_name_only_exported_metrics() -> None:
     exprs = " ".join(rule["expr"] for group in plain["groups"] for rule in group["rules"])
     assert set(METRIC_NAME.findall(exprs)) <= exported_metric_names()
     assert set(METRIC_NAME.findall(RULES.read_text())) <= metric_family_names()
+
+
+def test_every_alert_rule_aggregates_per_deployment() -> None:
+    """Every aggregation in a rule keeps namespace and job, so deployments are judged apart."""
+    plain = yaml.safe_load(RULES.read_text())
+    for rule in (rule for group in plain["groups"] for rule in group["rules"]):
+        name = rule.get("alert") or rule["record"]
+        aggregations = AGGREGATION.findall(rule["expr"])
+        for operator, labels in aggregations:
+            kept = {label.strip() for label in labels.split(",")}
+            assert {"namespace", "job"} <= kept, f"{name}: {operator} by ({labels})"
+        if "record" in rule:
+            assert rule["record"].startswith("namespace_job:"), name
 
 
 def test_promtool_checks_the_rules() -> None:
