@@ -514,6 +514,18 @@ def test_compose_stop_grace_covers_the_shutdown_drain() -> None:
         assert float(service["stop_grace_period"].removesuffix("s")) >= grace + SHUTDOWN_MARGIN_S
 
 
+def test_compose_publishes_ports_on_the_loopback_interface_only() -> None:
+    """Every port compose publishes binds 127.0.0.1: Kafka (no auth), Grafana (admin/admin),
+    Prometheus (lifecycle API on), the simulator and the workers' ops ports are local only."""
+    published = [
+        (name, port)
+        for name, service in compose()["services"].items()
+        for port in service.get("ports", [])
+    ]
+    assert published, "compose publishes the ports its comments point to"
+    assert [(name, port) for name, port in published if not port.startswith("127.0.0.1:")] == []
+
+
 def test_compose_prometheus_scrapes_both_workers() -> None:
     """Prometheus scrapes every compose worker on the ops port, under the ServiceMonitor's job."""
     config = yaml.safe_load(COMPOSE_PROMETHEUS.read_text())
