@@ -2,7 +2,12 @@
 # vapi-stream-worker: `vapi-worker run` (the worker) or `vapi-worker simulator` (the Vapi simulator).
 #
 #   docker build -t vapi-stream-worker:dev .
-#   docker run --rm -e KAFKA_BOOTSTRAP_SERVERS=... -e VAPI_API_KEY=... -p 6066:6066 vapi-stream-worker:dev
+#   docker run --rm -e KAFKA_BOOTSTRAP_SERVERS=kafka.example.com:9092 \
+#       -e VAPI_API_KEY -e VAPI_ASSISTANT_ID -p 6066:6066 vapi-stream-worker:dev
+#
+# `-e NAME` passes NAME from your shell: the Vapi private key, and the assistant for requests
+# that name none (required with the real API). With neither key nor VAPI_BASE_URL the worker
+# serves its embedded simulator instead. The README's configuration table lists every setting.
 #
 # Stage 1 builds wheels for the project and every dependency; stage 2 installs them into a clean
 # slim image without compilers, pip caches or sources, and runs as an unprivileged user.

@@ -79,7 +79,11 @@ def main() -> int:
             )
             started.append(sim)
             wait_http(f"http://127.0.0.1:{port}/healthz", 20, sim)
-            env.update(VAPI_BASE_URL=f"http://127.0.0.1:{port}", VAPI_API_KEY="demo-key")
+            env.update(
+                VAPI_BASE_URL=f"http://127.0.0.1:{port}",
+                VAPI_API_KEY="demo-key",
+                VAPI_ASSISTANT_ID="sim-assistant",
+            )
         http_port = free_port()
         env.update(
             WORKER_APP_ID=env.get("WORKER_APP_ID", f"demo-{uuid.uuid4().hex[:6]}"),
