@@ -210,8 +210,15 @@ async def tail(
         **kafka_client_kwargs(settings),
     )
     await consumer.start()
-    renderer = TailRenderer(conversation, request_id)
-    finals: list[dict[str, Any]] = []
+    follower = _Follower(
+        consumer,
+        settings,
+        TailRenderer(conversation, request_id),
+        out,
+        raw_json=raw_json,
+        request_id=request_id,
+        until_responses=until_responses,
+    )
     try:
         await assign_all(
             consumer,
@@ -221,33 +228,70 @@ async def tail(
         )
         if on_ready is not None:
             on_ready()
-        while not _tail_done(finals, request_id, until_responses):
-            batch = await consumer.getmany(timeout_ms=200)
+        while not follower.done():
+            await follower.step()
+    finally:
+        await consumer.stop()
+    return follower.finals
+
+
+@dataclass
+class _Follower:
+    """``tail``'s loop: which records it shows, in which order, and when it is done.
+
+    A request's deltas are all on the broker before its final response is sent, but the two
+    topics are read independently: reading a backlog, a final could come before its text. So
+    deltas are shown before responses, and before each response every delta published so far.
+    """
+
+    consumer: AIOKafkaConsumer
+    settings: Settings
+    renderer: TailRenderer
+    out: TextIO
+    raw_json: bool
+    request_id: str | None
+    until_responses: int | None
+    finals: list[dict[str, Any]] = field(default_factory=list)
+
+    def done(self) -> bool:
+        if self.request_id is not None:
+            return bool(self.finals)  # only that request's responses are followed
+        return self.until_responses is not None and len(self.finals) >= self.until_responses
+
+    async def step(self) -> None:
+        batch = await self.consumer.getmany(timeout_ms=200)
+        for tp in sorted(batch, key=lambda tp: tp.topic != self.settings.topic_deltas):
+            for record in batch[tp]:
+                value = json.loads(record.value or b"null")
+                if self.done() or not self.renderer.wants(value):
+                    continue
+                if tp.topic == self.settings.topic_responses:
+                    await self._catch_up_deltas()
+                    self.finals.append(value)
+                self._write(tp.topic, value)
+        self.out.flush()
+
+    async def _catch_up_deltas(self) -> None:
+        """Show the deltas published before now, up to the delta topic's end offsets."""
+        partitions = [
+            tp for tp in self.consumer.assignment() if tp.topic == self.settings.topic_deltas
+        ]
+        ends = await self.consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await self.consumer.position(tp) < ends[tp]]:
+            batch = await self.consumer.getmany(*partitions, timeout_ms=200)
             for tp, records in batch.items():
                 for record in records:
                     value = json.loads(record.value or b"null")
-                    if not renderer.wants(value) or _tail_done(finals, request_id, until_responses):
-                        continue
-                    if raw_json:
-                        out.write(json.dumps({"topic": tp.topic, "value": value}) + "\n")
-                    elif tp.topic == settings.topic_deltas:
-                        out.write(renderer.on_delta(value))
-                    else:
-                        out.write(renderer.on_response(value))
-                    if tp.topic == settings.topic_responses:
-                        finals.append(value)
-                out.flush()
-    finally:
-        await consumer.stop()
-    return finals
+                    if self.renderer.wants(value):
+                        self._write(tp.topic, value)
 
-
-def _tail_done(
-    finals: list[dict[str, Any]], request_id: str | None, until_responses: int | None
-) -> bool:
-    if request_id is not None:
-        return bool(finals)  # only that request's responses are followed
-    return until_responses is not None and len(finals) >= until_responses
+    def _write(self, topic: str, value: dict[str, Any]) -> None:
+        if self.raw_json:
+            self.out.write(json.dumps({"topic": topic, "value": value}) + "\n")
+        elif topic == self.settings.topic_deltas:
+            self.out.write(self.renderer.on_delta(value))
+        else:
+            self.out.write(self.renderer.on_response(value))
 
 
 async def topic_partitions(

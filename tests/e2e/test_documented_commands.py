@@ -239,9 +239,10 @@ async def test_compose_commands_run_in_order_with_each_reply_published_before_th
                     await reader.wait_for_responses([request_id], timeout_s=COMMAND_TIMEOUT_S)
                 elif step.args[0] == "tail":
                     shown.append(out)
+    assert {r["status"] for r in reader.outputs.responses} == {"completed"}
     for out in shown:
         assert "└─ completed" in out, out
-    assert {r["status"] for r in reader.outputs.responses} == {"completed"}
+        assert any(r["text"] in out for r in reader.outputs.responses), out
 
 
 def test_compose_tail_commands_started_before_the_sends_show_the_replies(
