@@ -2,8 +2,9 @@
 
 Tests run these commands (tests/e2e/test_documented_commands.py), so a changed comment or code
 block changes what is tested. Each source's commands are sorted into the kinds a test knows how to
-run; a command of no known kind raises ``UnknownCommand`` (tests/unit/test_documented_commands.py
-fails on it at once), so nothing shown to an operator goes untested silently.
+run; a command of no known kind raises ``UnknownCommand`` (and
+tests/unit/test_documented_command_kinds.py fails on it at once), so nothing shown to an operator
+goes untested silently.
 """
 
 from __future__ import annotations
