@@ -8,17 +8,29 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kafka-jars kafka-up kafka-down lint test check demo bench
+# The lock files: resolved for Python 3.11 on every platform (the image and CI alike), with hashes.
+LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock" --quiet
+LOCK_ARGS ?=
+
+.PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-venv: $(VENV_STAMP) ## create .venv (with PY=python3) and install the project with its dev extras (again when pyproject.toml changes)
+venv: $(VENV_STAMP) ## create .venv (with PY=python3): the locked dev dependencies, then the project (again when the lock changes)
 
-$(VENV_STAMP): pyproject.toml
+# Hash-checked: every package and version comes from requirements-dev.lock; pip fails on anything
+# missing from it. The project itself is built with the locked setuptools.
+$(VENV_STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+lock: venv ## resolve requirements-dev.lock and requirements.lock from pyproject.toml again (LOCK_ARGS=--upgrade: newest allowed versions)
+	$(LOCK) --extra dev $(LOCK_ARGS) --output-file requirements-dev.lock
+	$(LOCK) --constraint requirements-dev.lock --output-file requirements.lock
 
 kafka-jars: ## resolve the local Kafka broker's jars from Maven Central (once; cached in .cache/kafka)
 	$(LOCAL_KAFKA) jars

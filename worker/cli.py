@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -34,12 +35,38 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--reset-context", action="store_true", help="start a fresh Vapi chat")
     send.add_argument("text", help="what the user says")
 
-    tail = commands.add_parser("tail", help="follow deltas and responses, rendered live")
+    tail = commands.add_parser(
+        "tail",
+        help="follow deltas and responses, rendered live",
+        description="Follow deltas and responses from the topics' end, or from --since or "
+        "--from-beginning. With --request-id: that request's reply, found whether tail starts "
+        "before or after it (read from the beginning unless --since is given); exits after its "
+        "final response, 0 if it completed and 1 if it failed.",
+    )
     tail.add_argument("--conversation", help="only this conversation")
-    tail.add_argument("--from-beginning", action="store_true", help="replay the topics first")
-    tail.add_argument("--until", type=int, help="exit after this many final responses")
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--from-beginning", action="store_true", help="replay the topics first")
+    start.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="start at this time: a duration ago (90s, 10m, 2h, 1d) or an ISO 8601 time (UTC "
+        "unless it names an offset)",
+    )
+    stop = tail.add_mutually_exclusive_group()
+    stop.add_argument("--until", type=int, help="exit after this many final responses")
+    stop.add_argument("--request-id", help="only this request; exit after its final response")
     tail.add_argument("--json", action="store_true", help="print the raw records as JSON lines")
     return parser
+
+
+def _since(text: str) -> int:
+    from worker.console import parse_since
+
+    try:
+        return parse_since(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,13 +110,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(request_id)
         return 0
-    asyncio.run(
+    finals = asyncio.run(
         console.tail(
             settings,
             conversation=args.conversation,
+            request_id=args.request_id,
             from_beginning=args.from_beginning,
+            since_ms=args.since,
             until_responses=args.until,
             raw_json=args.json,
         )
     )
+    if args.request_id is not None and finals[-1].get("status") != "completed":
+        return 1
     return 0

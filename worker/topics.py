@@ -176,7 +176,13 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
 
 class BrokerProbe:
     """Answers "is the broker reachable?" for the ops endpoints' dependencies, with one small
-    admin request at a time."""
+    admin request at a time.
+
+    Every client it creates is closed by the probe itself once a check fails. aiokafka's own
+    request timeout (``timeout_s``) bounds each step, because only aiokafka's timeout closes the
+    connection a half-finished start opened: a start cancelled from outside leaves that connection
+    to the garbage collector, one per check during an outage.
+    """
 
     def __init__(self, settings: Settings, *, timeout_s: float = 5.0) -> None:
         self._settings = settings
@@ -188,13 +194,14 @@ class BrokerProbe:
         """Ask the cluster for its metadata; remember and return whether that worked."""
         try:
             if self._admin is None:
-                admin = AIOKafkaAdminClient(
+                # Held before it starts, so a failed start is closed below like any failure.
+                self._admin = AIOKafkaAdminClient(
                     bootstrap_servers=self._settings.kafka_bootstrap_servers,
                     client_id=f"{self._settings.worker_app_id}-probe",
+                    request_timeout_ms=int(self._timeout_s * 1000),
                     **kafka_client_kwargs(self._settings),
                 )
-                await asyncio.wait_for(admin.start(), self._timeout_s)
-                self._admin = admin
+                await asyncio.wait_for(self._admin.start(), self._start_bound_s())
             await asyncio.wait_for(self._admin.describe_cluster(), self._timeout_s)
             self.reachable = True
         except Exception:
@@ -202,6 +209,12 @@ class BrokerProbe:
             self.reachable = False
             await self.close()
         return self.reachable
+
+    def _start_bound_s(self) -> float:
+        """A backstop above aiokafka's own bound on a start: connecting, the version handshake
+        and the metadata request, each up to the request timeout, for every bootstrap server."""
+        servers = len(self._settings.kafka_bootstrap_servers.split(","))
+        return self._timeout_s * (3 * servers + 1)
 
     async def close(self) -> None:
         admin, self._admin = self._admin, None

@@ -657,13 +657,15 @@ def test_container_is_locked_down() -> None:
     assert "requests" in container()["resources"]
 
 
-def test_writable_paths_are_empty_dirs() -> None:
-    """/tmp and the image's WORKDIR (Faust's data directory) are emptyDir volumes."""
+def test_the_temporary_directory_is_an_empty_dir() -> None:
+    """/tmp, where the worker writes (Faust's data directory: TMPDIR is unset in the image), is
+    an emptyDir volume; the image sets no working directory it would have to write to."""
     volumes = {v["name"]: v for v in resource("Deployment")["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in container()["volumeMounts"]}
-    workdir = [args for keyword, args in final_stage() if keyword == "WORKDIR"][-1]
-    for path in ("/tmp", workdir):
-        assert "emptyDir" in volumes[mounts[path]]
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "TMPDIR" not in " ".join(args for keyword, args in final_stage() if keyword == "ENV")
+    assert "TMPDIR" not in {env["name"] for env in container().get("env", [])}
+    assert [args for keyword, args in final_stage() if keyword in ("WORKDIR", "VOLUME")] == []
 
 
 def test_selectors_match_the_pods() -> None:
@@ -828,6 +830,18 @@ def test_compose_stop_grace_covers_the_shutdown_drain() -> None:
         assert float(service["stop_grace_period"].removesuffix("s")) >= grace + SHUTDOWN_MARGIN_S
 
 
+def test_compose_publishes_ports_on_the_loopback_interface_only() -> None:
+    """Every port compose publishes binds 127.0.0.1: Kafka (no auth), Grafana (admin/admin),
+    Prometheus (lifecycle API on), the simulator and the workers' ops ports are local only."""
+    published = [
+        (name, port)
+        for name, service in compose()["services"].items()
+        for port in service.get("ports", [])
+    ]
+    assert published, "compose publishes the ports its comments point to"
+    assert [(name, port) for name, port in published if not port.startswith("127.0.0.1:")] == []
+
+
 def test_compose_prometheus_scrapes_both_workers() -> None:
     """Prometheus scrapes every compose worker on the ops port, under the ServiceMonitor's job."""
     config = yaml.safe_load(COMPOSE_PROMETHEUS.read_text())
@@ -850,7 +864,7 @@ def test_dockerfile_is_multi_stage_slim_non_root() -> None:
     final = dict(final_stage())
     args = dict(a.split("=", 1) for keyword, a in instructions if keyword == "ARG" and "=" in a)
     assert final["FROM"] == "${PYTHON_IMAGE}"
-    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
     assert json.loads(final["ENTRYPOINT"]) == ["vapi-worker"]
     assert json.loads(final["CMD"]) == ["run"]
     assert final["EXPOSE"] == str(Settings.model_fields["worker_http_port"].default)
@@ -875,14 +889,14 @@ def test_entrypoint_is_a_project_script() -> None:
 
 
 def test_dockerignore_keeps_only_the_build_inputs() -> None:
-    """The build context is pyproject.toml, README.md and worker/ — no venv, git or tests."""
+    """The build context is the lock, pyproject.toml, README.md and worker/: no venv, git, tests."""
     lines = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!worker"} <= set(lines)
+    assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!worker"} <= set(lines)
 
 
 # ---------------------------------------------------------------------------------------------

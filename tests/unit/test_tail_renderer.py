@@ -1,12 +1,14 @@
-"""tail's renderer: duplicates dropped, restarted streams shown, one line per conversation."""
+"""tail's renderer (duplicates dropped, restarted streams shown, one line per conversation,
+one request followed) and its ``--since`` parsing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from worker.console import TailRenderer
+from worker.console import TailRenderer, parse_since
 
 pytestmark = pytest.mark.unit
 
@@ -47,3 +49,43 @@ def test_the_final_response_closes_the_line_with_its_status() -> None:
         {"request_id": "r1", "conversation_id": "c1", "status": "completed", "delta_count": 1}
     )
     assert "completed, 1 deltas" in out
+
+
+def test_following_one_request_renders_nothing_of_the_others() -> None:
+    """With a request id, deltas and responses of other requests render as nothing."""
+    renderer = TailRenderer(request_id="r1")
+    other = {**_delta(0, "Other"), "request_id": "r2"}
+    out = renderer.on_delta(other) + renderer.on_delta(_delta(0, "Mine"))
+    out += renderer.on_response(
+        {"request_id": "r2", "conversation_id": "c1", "status": "completed"}
+    )
+    assert out == "[c1] Mine"
+    assert renderer.wants(_delta(1, "x"))
+    assert not renderer.wants(other)
+    assert not renderer.wants(None)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90s", datetime(2026, 1, 2, 2, 58, 30, tzinfo=UTC)),
+        ("10m", datetime(2026, 1, 2, 2, 50, tzinfo=UTC)),
+        ("1.5h", datetime(2026, 1, 2, 1, 30, tzinfo=UTC)),
+        ("1d", datetime(2026, 1, 1, 3, 0, tzinfo=UTC)),
+        ("2026-01-02T01:00:00", datetime(2026, 1, 2, 1, 0, tzinfo=UTC)),
+        ("2026-01-02T01:00:00Z", datetime(2026, 1, 2, 1, 0, tzinfo=UTC)),
+        ("2026-01-02T03:00:00+02:00", datetime(2026, 1, 2, 1, 0, tzinfo=UTC)),
+    ],
+)
+def test_since_is_a_duration_ago_or_a_time(text: str, expected: datetime) -> None:
+    """``tail --since`` takes a duration before now or an ISO time (UTC unless it has an offset),
+    as Kafka timestamps (milliseconds since the epoch)."""
+    now = datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    assert parse_since(text, now) == int(expected.timestamp() * 1000)
+
+
+@pytest.mark.parametrize("text", ["", "yesterday", "10 minutes", "-5m", "5w"])
+def test_since_rejects_what_it_cannot_read_with_the_forms_it_takes(text: str) -> None:
+    """An unreadable ``--since`` is an error that names the accepted forms."""
+    with pytest.raises(ValueError, match="duration"):
+        parse_since(text, datetime(2026, 1, 2, tzinfo=UTC))
