@@ -159,7 +159,9 @@ def readme_steps() -> list[tuple[str, str]]:
     """The README's shell blocks, each as (kind, block).
 
     Kinds: ``"make"`` (a block of ``make`` targets, each run on its own), ``"by-hand"`` (a block
-    that runs the project's commands with ``vapi-worker``, run as one script).
+    that runs the project's commands with ``vapi-worker``, run as one script), ``"cluster"`` (a
+    block of ``kubectl`` commands: there is no cluster here, so tests/unit/test_manifests.py
+    builds every kustomization such a block applies, and checks what it creates).
     """
     steps = []
     for block in readme_shell_blocks():
@@ -168,6 +170,8 @@ def readme_steps() -> list[tuple[str, str]]:
             steps.append(("make", block))
         elif any("vapi-worker" in words for words in lines):
             steps.append(("by-hand", block))
+        elif all(words[0] == "kubectl" for words in lines):
+            steps.append(("cluster", block))
         else:
             raise UnknownCommand(f"README.md block:\n{block}")
     return steps

@@ -32,7 +32,7 @@ def test_every_documented_command_is_of_a_kind_a_test_runs() -> None:
     assert "up" in compose
     assert {s.args[0] for s in compose if isinstance(s, ComposeRun)} >= {"send", "tail"}
     assert any(isinstance(s, DockerRun) for s in dockerfile_steps())
-    assert {kind for kind, _ in readme_steps()} == {"make", "by-hand"}
+    assert {kind for kind, _ in readme_steps()} == {"make", "by-hand", "cluster"}
 
 
 def test_comment_commands_join_continuations_and_drop_trailing_comments(tmp_path: Path) -> None:
