@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from worker.config import Settings
 from worker.errors import InvalidRequestError
+from worker.failures import stops_the_worker
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -39,10 +40,10 @@ from worker.messages import (
     decode_request,
 )
 from worker.metrics import WorkerMetrics
-from worker.pipeline import HandlerSettings, RequestHandler
+from worker.pipeline import HandlerSettings, Outcome, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
-from worker.state import ConversationStore, StateTable
+from worker.state import ConversationState, ConversationStore, StateTable
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
@@ -165,6 +166,8 @@ class Job:
     #: Set once Vapi's part is done and the final response is being published and recorded:
     #: a release waits for this short step instead of cancelling it half-way.
     finishing: bool = False
+    #: Set once the request's final response is on the broker.
+    published: bool = False
 
     def start(self, ticket: Ticket[Job]) -> None:
         self.ticket = ticket
@@ -281,12 +284,40 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Kafka refused an output, or a bug: the record is not acked, so it is not lost;
-            # the worker stops and its partitions go to a healthy replica.
-            log.exception("request crashed the worker")
-            await self._on_crash(exc)
-            return
+            if not await self._survive(job, exc):
+                return
         await self._finish(job)
+
+    async def _survive(self, job: Job, exc: Exception) -> bool:
+        """Handle a request's failure; True when the worker goes on (``worker.failures``).
+
+        Kafka gone: the record is not acked, so it is not lost; the worker stops and its
+        partitions go to a healthy replica. Anything else ends this one request: logged with its
+        traceback, counted, a ``failed`` response (``internal_error``) unless its final response
+        is already out, and the record acked so the partition goes on.
+        """
+        if stops_the_worker(exc):
+            log.error("Kafka refused an output: the worker stops", exc_info=exc)
+            await self._on_crash(exc)
+            return False
+        request = job.request
+        if request is None or job.published:
+            log.error("request ended by an internal error", exc_info=exc)
+            self._metrics.internal_errors_total.inc()
+            return True
+        handled, job.finishing = job.finishing, True
+        try:
+            outcome = self._handler.internal_failure(
+                request, exc, queued_at=job.queued_at, handled=handled
+            )
+            await self._record(job, request, self._store.get(request.conversation_id), outcome)
+        except Exception as again:
+            if stops_the_worker(again):
+                log.error("Kafka refused an output: the worker stops", exc_info=again)
+                await self._on_crash(again)
+                return False
+            log.error("the failed response could not be published either", exc_info=again)
+        return True
 
     async def _dead_letter(self, job: Job) -> None:
         assert job.invalid is not None
@@ -319,7 +350,14 @@ class Dispatcher:
         finally:
             self._metrics.in_flight.dec()
         job.finishing = True
+        await self._record(job, request, state, outcome)
+
+    async def _record(
+        self, job: Job, request: ChatRequest, state: ConversationState, outcome: Outcome
+    ) -> None:
+        """Publish the final response, then remember the request as finished."""
         await self._handler.publish(outcome, job.trace_headers)
+        job.published = True
         new_state = state.after_request(
             request.request_id,
             outcome.chat_id,

@@ -3,11 +3,13 @@
     WorkerError
     ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
     ├── ConfigError                settings that cannot work together (exit with a message)
+    ├── InternalError              anything unplanned in one request's path, a bug included
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
         ├── VapiStreamBrokenError  the stream ended abnormally after it started    retryable
-        ├── VapiProtocolError      not Vapi's SSE (content type, undecodable)      not retryable
+        ├── VapiProtocolError      not Vapi's protocol (content type, undecodable,  not retryable
+        │                          a status outside 100-599)
         └── VapiStatusError        a non-2xx status; retryable for 429 and 5xx
             ├── VapiAuthError        401/403: bad key; the worker reports itself unready
             └── VapiRateLimitedError 429, with the server's Retry-After in seconds if given
@@ -43,6 +45,12 @@ class ConfigError(WorkerError):
     code = "config_error"
 
 
+class InternalError(WorkerError):
+    """An exception nobody planned for ended one request (``worker.failures`` says which)."""
+
+    code = "internal_error"
+
+
 class VapiError(WorkerError):
     """Talking to Vapi failed."""
 
@@ -76,7 +84,7 @@ class VapiStreamBrokenError(VapiError):
 
 
 class VapiProtocolError(VapiError):
-    """The response is not Vapi's protocol (wrong content type, undecodable event)."""
+    """The response is not Vapi's protocol (content type, undecodable, status outside HTTP's)."""
 
     code = "vapi_protocol_error"
 

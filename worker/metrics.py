@@ -5,6 +5,7 @@ has a bounded set of values; the sets below are pre-initialised so that each ser
 from the first scrape, and ``rate()`` sees the first increment.
 
     chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
+    chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
     chat_worker_deltas_total                     deltas published to the delta topic
     chat_worker_in_flight                        Vapi streams open now
     chat_worker_buffered                         records taken from Kafka and not finished
@@ -135,6 +136,11 @@ class WorkerMetrics:
             f"{PREFIX}_requests_total",
             "Requests finished, by outcome.",
             ["outcome"],
+            registry=registry,
+        )
+        self.internal_errors_total = Counter(
+            f"{PREFIX}_internal_errors_total",
+            "Requests (and unreadable records) ended by an exception nobody planned for, a bug.",
             registry=registry,
         )
         self.deltas_total = Counter(

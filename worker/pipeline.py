@@ -20,7 +20,15 @@ import structlog
 
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
-from worker.errors import VapiAuthError, VapiError, VapiRateLimitedError, VapiStatusError
+from worker.errors import (
+    InternalError,
+    VapiAuthError,
+    VapiError,
+    VapiRateLimitedError,
+    VapiStatusError,
+    WorkerError,
+)
+from worker.failures import stops_the_worker
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -167,10 +175,49 @@ class RequestHandler:
             context_reset=request.reset_context and state.chat_id is not None,
         )
         self._metrics.queue_wait_seconds.observe(now - queued_at)
-        # The same headers go on every delta of the request: built once, not per delta.
-        outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        try:
+            # The same headers go on every delta of the request: built once, not per delta.
+            outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        except Exception as exc:
+            if stops_the_worker(exc):
+                raise
+            outcome = self._internal_failure(run, exc)
         self._record_outcome(run, outcome.response)
         return outcome
+
+    def internal_failure(
+        self, request: ChatRequest, exc: Exception, *, queued_at: float, handled: bool
+    ) -> Outcome:
+        """The ``failed`` outcome of a request that ``exc`` ended outside ``handle``.
+
+        ``handled``: ``handle`` returned before ``exc`` (publishing failed), so the request is
+        already counted in ``chat_worker_requests_total``; it is not counted twice.
+        """
+        now = self._clock()
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+        outcome = self._internal_failure(run, exc)
+        if not handled:
+            self._record_outcome(run, outcome.response)
+        return outcome
+
+    def _internal_failure(self, run: _Run, exc: Exception) -> Outcome:
+        """End the request on an exception nobody planned for: logged with its traceback, counted.
+
+        The response names the exception's type only: its text may carry anything.
+        """
+        log.error("request ended by an internal error", exc_info=exc)
+        self._metrics.internal_errors_total.inc()
+        error = InternalError(
+            f"the worker failed on this request ({type(exc).__name__}); its log has the details"
+        )
+        return self._failed(run, error)
 
     async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
         """Publish the one final response and wait for the broker's ack."""
@@ -389,7 +436,7 @@ class RequestHandler:
         )
         return Outcome(response, attempt.chat_id, attempt.session_id)
 
-    def _failed(self, run: _Run, err: VapiError) -> Outcome:
+    def _failed(self, run: _Run, err: WorkerError) -> Outcome:
         request = run.request
         response = ChatResponse(
             request_id=request.request_id,
@@ -405,7 +452,7 @@ class RequestHandler:
                 code=err.code,
                 message=str(err),
                 retryable=err.retryable,
-                http_status=err.http_status,
+                http_status=err.http_status if isinstance(err, VapiError) else None,
             ),
             timings=self._timings(run),
             metadata=request.metadata,

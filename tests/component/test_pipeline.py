@@ -14,21 +14,24 @@ import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
-from worker.pipeline import DELTA_COUNT_BATCH, HandlerSettings, RequestHandler
+from worker.pipeline import DELTA_COUNT_BATCH, ChatStreamer, HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.simulator.server import RunningSimulator, SimulatorConfig, serve_simulator
 from worker.state import ConversationState
 from worker.vapi.client import VapiClient, VapiTimeouts
+from worker.vapi.events import StreamDelta
 
 pytestmark = [pytest.mark.component, pytest.mark.timeout(30)]
 
@@ -192,6 +195,8 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
             rng: random.Random | None = None,
             coalesce_chars: int = 0,
             coalesce_ms: int = 0,
+            wrap_client: Callable[[VapiClient], ChatStreamer] | None = None,
+            publisher: RecordingPublisher | None = None,
         ) -> Rig:
             metrics = WorkerMetrics(CollectorRegistry())
             client = await stack.enter_async_context(
@@ -203,9 +208,9 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
                 )
             )
             fake_time = FakeTime(advance=advance_clock)
-            publisher = RecordingPublisher()
+            publisher = publisher or RecordingPublisher()
             handler = RequestHandler(
-                client,
+                client if wrap_client is None else wrap_client(client),
                 publisher,
                 policy,
                 SharedBackoff(),
@@ -557,6 +562,82 @@ async def test_exhausted_retries_end_in_exactly_one_failed_response(
     assert [attempt for attempt, _ in rig.calls("req-1")] == list(range(1, attempts + 1))
     assert len(rig.time.delays()) == attempts - 1
     assert rig.sample("chat_worker_requests_total", outcome="completed") == 0
+
+
+# --- answers and bugs nobody planned for --------------------------------------------------------
+
+
+async def test_a_status_outside_http_ends_the_request_failed_without_retries(
+    make_rig: MakeRig,
+) -> None:
+    """A status line of 999 (a broken proxy) is not Vapi's protocol: one failed response."""
+    rig = await make_rig()
+    response = await rig.run("[[sim:fault rawstatus code=999]] hi")
+    _assert_failed(
+        rig, response, code="vapi_protocol_error", retryable=False, http_status=None, attempts=1
+    )
+    assert response.error is not None
+    assert "999" in response.error.message
+    assert rig.calls("req-1") == [(1, 999)]
+    assert rig.sample("chat_worker_internal_errors_total") == 0
+
+
+class BuggyStreamer:
+    """The real client, with a bug: its first stream raises ``KeyError`` after one delta."""
+
+    def __init__(self, client: VapiClient) -> None:
+        self._client = client
+        self._calls = 0
+
+    async def stream_chat(
+        self, body: dict[str, object], *, request_id: str, attempt: int
+    ) -> AsyncGenerator[StreamDelta, None]:
+        self._calls += 1
+        buggy = self._calls == 1
+        async for delta in self._client.stream_chat(body, request_id=request_id, attempt=attempt):
+            yield delta
+            if buggy:
+                raise KeyError("a bug in the request path")
+
+
+async def test_a_bug_in_the_request_path_ends_that_request_with_internal_error(
+    make_rig: MakeRig,
+) -> None:
+    """An exception nobody planned for is not retried: one failed response, counted, logged."""
+    rig = await make_rig(wrap_client=BuggyStreamer)
+    with capture_logs() as logs:
+        response = await rig.run("hi")
+    _assert_failed(
+        rig, response, code="internal_error", retryable=False, http_status=None, attempts=1
+    )
+    assert response.error is not None
+    assert "KeyError" in response.error.message
+    assert rig.sample("chat_worker_internal_errors_total") == 1
+    [logged] = [line for line in logs if line.get("exc_info")]
+    assert logged["log_level"] == "error"
+    assert isinstance(logged["exc_info"], KeyError)
+    # The next request of the same handler runs as usual.
+    _assert_completed(rig, await rig.run("hi again", request_id="req-2"), attempts=1)
+
+
+class RefusingPublisher(RecordingPublisher):
+    """Kafka refuses every delta: the loss of Kafka, which must reach the dispatcher."""
+
+    async def send_delta(
+        self, delta: ChatDelta, headers: Sequence[tuple[str, bytes]]
+    ) -> Awaitable[object]:
+        raise KafkaTimeoutError("no broker answered")
+
+
+async def test_the_loss_of_kafka_is_not_mistaken_for_one_requests_trouble(
+    make_rig: MakeRig,
+) -> None:
+    """A Kafka error publishing an output leaves the handler: no response, nothing counted."""
+    rig = await make_rig(publisher=RefusingPublisher())
+    with pytest.raises(KafkaTimeoutError):
+        await rig.run("hi")
+    assert rig.publisher.responses == []
+    assert rig.sample("chat_worker_internal_errors_total") == 0
 
 
 # --- delta coalescing ----------------------------------------------------------------------------

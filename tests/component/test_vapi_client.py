@@ -235,6 +235,24 @@ async def test_non_sse_answer_is_a_protocol_error(vapi: VapiClient) -> None:
     assert not error.retryable
 
 
+@pytest.mark.parametrize("code", [999, 600])
+async def test_a_status_outside_http_is_a_protocol_error(vapi: VapiClient, code: int) -> None:
+    """A status line outside 100-599 (a broken proxy) is VapiProtocolError, not retried."""
+    deltas, error = await _collect(vapi, f"[[sim:fault rawstatus code={code}]] hi")
+    assert deltas == []
+    assert isinstance(error, VapiProtocolError)
+    assert (error.http_status, error.retryable) == (None, False)
+    assert str(code) in str(error)
+
+
+async def test_an_unreadable_status_line_is_a_connect_error(vapi: VapiClient) -> None:
+    """A status line aiohttp cannot read at all (``HTTP/1.1 0``) is no response: retryable."""
+    deltas, error = await _collect(vapi, "[[sim:fault rawstatus code=0]] hi")
+    assert deltas == []
+    assert isinstance(error, VapiConnectError)
+    assert error.retryable
+
+
 # --- broken connections ----------------------------------------------------------------------
 
 

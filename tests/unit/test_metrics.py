@@ -21,6 +21,7 @@ pytestmark = pytest.mark.unit
 #: design.md §6 plus the extras this module adds; dashboards and alerts depend on these names.
 CONTRACT = {
     "chat_worker_requests": "counter",
+    "chat_worker_internal_errors": "counter",
     "chat_worker_deltas": "counter",
     "chat_worker_in_flight": "gauge",
     "chat_worker_buffered": "gauge",

@@ -10,6 +10,7 @@ What goes wrong is mapped here, once, to ``worker.errors`` (``raise ... from exc
     ============================================  =================================================
     401 / 403                                      VapiAuthError
     429                                            VapiRateLimitedError (``retry_after_s`` parsed)
+    a status outside 100-599 (a broken proxy)      VapiProtocolError
     any other non-2xx                              VapiStatusError (the body's message, truncated)
     2xx that is not ``text/event-stream``          VapiProtocolError
     connect timeout                                VapiTimeoutError(phase="connect")
@@ -76,6 +77,9 @@ __all__ = ["VapiClient", "VapiTimeouts"]
 MAX_ERROR_BODY_BYTES: Final = 8192
 MAX_ERROR_MESSAGE_CHARS: Final = 300
 USER_AGENT: Final = "vapi-stream-worker"
+#: The statuses HTTP defines (RFC 9110 section 15); anything else is not an HTTP answer.
+MIN_HTTP_STATUS: Final = 100
+MAX_HTTP_STATUS: Final = 599
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +233,11 @@ class VapiClient:
 
     async def _check(self, response: httpx.Response) -> None:
         status = response.status_code
+        if not MIN_HTTP_STATUS <= status <= MAX_HTTP_STATUS:
+            raise VapiProtocolError(
+                f"Vapi answered HTTP status {status}, outside {MIN_HTTP_STATUS}-{MAX_HTTP_STATUS}: "
+                "not an HTTP answer (a broken proxy on the way?)"
+            )
         if not 200 <= status < 300:
             raise self._status_error(response, await _read_error_body(response))
         media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
