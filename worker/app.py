@@ -525,6 +525,10 @@ class Worker:
     def vapi_auth_ok(self) -> bool:
         return self.handler.auth_ok
 
+    def vapi_backoff_s(self) -> float:
+        """Seconds left of the worker-wide pause after a 429 (0 when none)."""
+        return self.handler.backoff_remaining_s()
+
 
 def build_worker(
     settings: Settings,
@@ -590,6 +594,7 @@ def build_worker(
             max_attempts=settings.retry_max_attempts,
             base_delay_s=settings.retry_base_delay_s,
             max_delay_s=settings.retry_max_delay_s,
+            retry_after_max_s=settings.retry_after_max_s,
         ),
         SharedBackoff(),
         metrics,
@@ -601,6 +606,8 @@ def build_worker(
             coalesce_chars=settings.worker_delta_coalesce_chars,
         ),
     )
+
+    metrics.watch_backoff(handler.backoff_remaining_s)
 
     async def crash(exc: BaseException) -> None:
         await app.crash(exc)

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=20.0, ge=0)
+    retry_after_max_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
 
     # Concurrency
     worker_max_in_flight: int = Field(default=256, ge=1)

@@ -19,11 +19,12 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_malformed_events_total           SSE events that could not be decoded
     chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
+    chat_worker_vapi_backoff_seconds             seconds left of the worker-wide pause after a 429
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -212,12 +213,21 @@ class WorkerMetrics:
         )
         # Not known to be bad until Vapi says so, like the readiness check's vapi_auth.
         self.vapi_ready.set(1)
+        self.vapi_backoff_seconds = Gauge(
+            f"{PREFIX}_vapi_backoff_seconds",
+            "Seconds left of the pause a 429 put on every Vapi call of this worker (0: none).",
+            registry=registry,
+        )
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
         for reason in RETRY_REASONS:
             self.retries_total.labels(reason=reason)
         for reason in DLQ_REASONS:
             self.dlq_total.labels(reason=reason)
+
+    def watch_backoff(self, remaining_s: Callable[[], float]) -> None:
+        """Read ``chat_worker_vapi_backoff_seconds`` from ``remaining_s`` at every scrape."""
+        self.vapi_backoff_seconds.set_function(remaining_s)
 
     def count_dead_letter(self, reason: str) -> None:
         """Count one record sent to the DLQ, with its reason code bounded by ``dlq_reason``."""

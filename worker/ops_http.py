@@ -4,8 +4,10 @@
 callable agrees. ``/readyz`` answers 200 when every check of the readiness callable is true, else
 503; the body is JSON either way, e.g.
 ``{"ready": false, "checks": {"assigned": true, "recovered": false}, "failing": ["recovered"]}``.
-A readiness callable that raises counts as not ready. Access logs are off: probes would drown the
-worker's own lines.
+A readiness callable that raises counts as not ready. The optional info callable adds an
+``"info"`` object to that body: states worth seeing that do not make the pod unready (a 429
+backoff); one that raises shows ``{"error": <type>}`` there and changes nothing else. Access
+logs are off: probes would drown the worker's own lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 
 Readiness = Callable[[], Mapping[str, bool]]
 Liveness = Callable[[], bool]
+Info = Callable[[], Mapping[str, object]]
 
 _log = structlog.get_logger(__name__)
 
@@ -37,10 +40,12 @@ class OpsServer:
         port: int = 6066,
         *,
         liveness: Liveness | None = None,
+        info: Info | None = None,
     ) -> None:
         self._registry = registry
         self._readiness = readiness
         self._liveness = liveness
+        self._info = info
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -96,11 +101,22 @@ class OpsServer:
         except Exception as exc:
             _log.warning("readiness check raised", exc_info=exc)
             body = {"ready": False, "checks": {}, "failing": [], "error": type(exc).__name__}
-            return web.json_response(body, status=503, headers=_NO_CACHE)
+            return web.json_response(self._with_info(body), status=503, headers=_NO_CACHE)
         failing = sorted(name for name, ok in checks.items() if not ok)
         ready = not failing
         body = {"ready": ready, "checks": checks, "failing": failing}
-        return web.json_response(body, status=200 if ready else 503, headers=_NO_CACHE)
+        status = 200 if ready else 503
+        return web.json_response(self._with_info(body), status=status, headers=_NO_CACHE)
+
+    def _with_info(self, body: dict[str, object]) -> dict[str, object]:
+        if self._info is None:
+            return body
+        try:
+            info = dict(self._info())
+        except Exception as exc:
+            _log.warning("readiness info raised", exc_info=exc)
+            info = {"error": type(exc).__name__}
+        return {**body, "info": info}
 
 
 def _call_quietly(check: Liveness) -> bool:

@@ -270,12 +270,30 @@ class RequestHandler:
             run.context_reset = True
             self._metrics.retries_total.labels(reason="context_reset").inc()
             return 0.0
-        if isinstance(err, VapiRateLimitedError) and err.retry_after_s:
-            self._backoff.pause_until(self._clock() + err.retry_after_s)
+        pause = self._policy.rate_limit_pause(err)
+        if pause:
+            self._pause_everyone(pause, err)
         delay = self._policy.delay_for(run.attempts, err, self._rng)
         if delay is not None:
             self._metrics.retries_total.labels(reason=_retry_reason(err)).inc()
         return delay
+
+    def _pause_everyone(self, pause: float, err: VapiError) -> None:
+        """Hold every call of this worker for ``pause`` seconds (a 429's Retry-After, capped)."""
+        now = self._clock()
+        before = self._backoff.remaining(now)
+        self._backoff.pause_until(now + pause)
+        if self._backoff.remaining(now) > before:
+            asked = err.retry_after_s if isinstance(err, VapiRateLimitedError) else None
+            log.warning(
+                "Vapi rate-limited the worker: every call waits",
+                pause_s=round(pause, 3),
+                retry_after_s=asked,
+            )
+
+    def backoff_remaining_s(self) -> float:
+        """Seconds left of the worker-wide pause after a 429 (0 when none)."""
+        return self._backoff.remaining(self._clock())
 
     @staticmethod
     def _is_stale_context(run: _Run, err: VapiError) -> bool:

@@ -76,6 +76,17 @@ def readiness(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
     }
 
 
+def readiness_info(worker: Worker) -> Mapping[str, object]:
+    """What /readyz shows beside its checks, without making the pod unready.
+
+    A 429 backoff pauses every Vapi call of this worker, but the pod can still take records,
+    publish and commit, and Vapi's limit is on the account, not the pod: another pod would be
+    told the same. Unready pods would only stall a rollout (the PDB counts them), so the pause is
+    shown here and in ``chat_worker_vapi_backoff_seconds``, and the checks stay as they are.
+    """
+    return {"vapi_backoff_s": round(worker.vapi_backoff_s(), 3)}
+
+
 def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code (Faust exits the process)."""
     base_url, api_key = vapi_endpoint(settings)
@@ -88,7 +99,12 @@ def run_worker(settings: Settings) -> int:
     metrics = WorkerMetrics(registry)
     worker = build_worker(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
     broker = BrokerProbe(settings)
-    ops = OpsServer(registry, lambda: readiness(worker, broker), port=settings.worker_http_port)
+    ops = OpsServer(
+        registry,
+        lambda: readiness(worker, broker),
+        port=settings.worker_http_port,
+        info=lambda: readiness_info(worker),
+    )
 
     @worker.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def serve_ops() -> None:

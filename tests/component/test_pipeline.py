@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import socket
 import time
@@ -38,6 +39,8 @@ pytestmark = [pytest.mark.component, pytest.mark.timeout(30)]
 KEY = "sk-component-3c59dc048e885024"
 ROOMY = VapiTimeouts(connect_s=2, first_delta_s=5, stall_s=5, request_s=10)
 FAST_RETRIES = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+#: The same, honouring a Retry-After of up to an hour.
+PATIENT_RETRIES = dataclasses.replace(FAST_RETRIES, retry_after_max_s=3600)
 CONVERSATION = "conv-1"
 
 
@@ -303,7 +306,7 @@ async def test_429_retry_after_as_http_date_is_honoured(make_rig: MakeRig) -> No
 
 async def test_429_on_one_request_delays_another_requests_next_call(make_rig: MakeRig) -> None:
     """A 429 pauses the shared gate: a concurrent request waits it out before its next call."""
-    rig = await make_rig(advance_clock=False, deadline_s=3600)
+    rig = await make_rig(advance_clock=False, deadline_s=3600, policy=PATIENT_RETRIES)
     rig.publisher.hold("req-b")
     other = asyncio.create_task(
         rig.run("[[sim:fault disconnect after=2 times=1]] bravo", request_id="req-b"),
@@ -324,6 +327,25 @@ async def test_429_on_one_request_delays_another_requests_next_call(make_rig: Ma
     assert max(rig.time.delays("req-a")) >= 600
 
 
+@pytest.mark.parametrize(
+    "retry_after", ["99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"], ids=["1e20", "y9999"]
+)
+async def test_an_absurd_retry_after_pauses_the_worker_for_the_cap_only(
+    make_rig: MakeRig, retry_after: str
+) -> None:
+    """Retry-After of 1e20 s or a date 8000 years ahead: the worker pauses at most the cap (60 s),
+    retries, and the requests after it are served, not failed at once."""
+    rig = await make_rig()
+    fault = f'[[sim:fault status code=429 retry_after="{retry_after}" times=1]]'
+    limited = await rig.run(f"{fault} alpha", request_id="req-a")
+    _assert_completed(rig, limited, attempts=2)
+    assert rig.time.delays() == [60.0]
+    later = await rig.run("bravo", request_id="req-b")
+    _assert_completed(rig, later, attempts=1)
+    assert rig.time.delays() == [60.0], "the pause was over for the next request"
+    assert rig.handler.backoff_remaining_s() == 0
+
+
 # --- server errors and broken connections --------------------------------------------------------
 
 
@@ -331,7 +353,7 @@ async def test_a_shared_pause_longer_than_the_deadline_fails_the_request_at_once
     make_rig: MakeRig,
 ) -> None:
     """A request whose deadline ends inside the worker's 429 pause fails now, without a call."""
-    rig = await make_rig(advance_clock=False, deadline_s=60)
+    rig = await make_rig(advance_clock=False, deadline_s=60, policy=PATIENT_RETRIES)
     first = await rig.run("[[sim:fault status code=429 retry_after=600]] alpha", request_id="req-a")
     assert first.status == "failed"
     second = await rig.run("bravo", request_id="req-b")

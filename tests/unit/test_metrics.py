@@ -35,6 +35,7 @@ CONTRACT = {
     "chat_worker_malformed_events": "counter",
     "chat_worker_consumer_lag": "gauge",
     "chat_worker_vapi_ready": "gauge",
+    "chat_worker_vapi_backoff_seconds": "gauge",
 }
 
 
@@ -73,6 +74,18 @@ def test_labelled_counters_start_at_zero(
         assert sample(registry, "chat_worker_retries_total", reason=reason) == 0
     for reason in DLQ_REASONS:
         assert sample(registry, "chat_worker_dlq_total", reason=reason) == 0
+
+
+def test_vapi_backoff_is_read_from_the_gate_at_each_scrape(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    """0 until a gate is watched; then whatever the gate says is left of its pause, live."""
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 0
+    left = [12.5]
+    metrics.watch_backoff(lambda: left[0])
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 12.5
+    left[0] = 0.0
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 0
 
 
 def test_vapi_ready_starts_at_one(registry: CollectorRegistry, metrics: WorkerMetrics) -> None:
