@@ -585,6 +585,7 @@ def build_worker(
         ),
         max_connections=settings.vapi_max_connections,
         on_malformed=lambda _reason: metrics.malformed_events_total.inc(),
+        scrub=settings.secrets(),
     )
     publisher = KafkaPublisher(app, settings)
     handler = RequestHandler(

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
             self.vapi_api_key = SecretStr(key)
         return self
 
+    def secrets(self) -> list[SecretStr]:
+        """Every ``SecretStr`` setting that is set, whatever its name: what logs must never show."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return [value for value in values if isinstance(value, SecretStr)]
+
     def default_assistant_id(self) -> str:
         """The assistant for requests that name none; required when a real Vapi is configured."""
         if self.vapi_assistant_id:

@@ -227,6 +227,18 @@ async def test_api_key_echoed_by_the_server_is_scrubbed(vapi: VapiClient) -> Non
     assert "bad key **********" in str(error)
 
 
+async def test_every_other_secret_echoed_by_the_server_is_scrubbed(sim: RunningSimulator) -> None:
+    """The worker's other secrets (a Kafka password) are scrubbed from Vapi's text as well."""
+    others = [SecretStr("sasl-pw-0451"), SecretStr("")]
+    async with VapiClient(sim.base_url, SecretStr(KEY), ROOMY, scrub=others) as vapi:
+        _, error = await _collect(
+            vapi, "[[sim:fault status code=400 message='pw sasl-pw-0451']] hi"
+        )
+    assert isinstance(error, VapiStatusError)
+    assert "sasl-pw-0451" not in f"{error} {error!r} {error.body}"
+    assert "pw **********" in str(error)
+
+
 async def test_non_sse_answer_is_a_protocol_error(vapi: VapiClient) -> None:
     """A 200 that is not text/event-stream (here: stream false) is VapiProtocolError."""
     _, error = await _collect(vapi, "hi", stream=False)
