@@ -76,12 +76,32 @@ class KafkaPublisher:
     #: Conversations whose delta partition is remembered; the map is dropped when it is full.
     MAX_REMEMBERED_PARTITIONS = 65_536
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
+    def __init__(
+        self, app: faust.App, settings: Settings, *, also_written: Sequence[str] = ()
+    ) -> None:
         self._app = app
         self._deltas = settings.topic_deltas
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
         self._delta_partitions: dict[bytes, TopicPartition] = {}
+        #: Every topic this process writes to: the outputs, and ``also_written`` (the changelog).
+        self.written_topics = (self._deltas, self._responses, self._dlq, *also_written)
+        self._tracking = False
+
+    def _track_written_topics(self, producer: Any) -> None:
+        """Have the producer keep every written topic in its metadata, from the first write on.
+
+        aiokafka fetches the metadata of all topics until it is asked for one it does not know
+        (a send to it); from then on it refreshes only the topics asked for so. A topic known
+        from an all-topics fetch was never asked for: it drops out of the metadata at the next
+        refresh, and a batch for it that was still waiting then is never sent: its partition
+        stalls (seen with the changelog created late at start-up). Tracked from the start, no
+        written topic can drop out.
+        """
+        if not self._tracking:
+            for topic in self.written_topics:
+                producer.client.add_topic(topic)
+            self._tracking = True
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
         key = delta.conversation_id.encode()
@@ -100,6 +120,8 @@ class KafkaPublisher:
                     tp, key, delta.encode(), producer._request_timeout_ms / 1000, headers=headers
                 ),
             )
+        # Only reached before the fast path above: its batches need the topic tracked.
+        self._track_written_topics(producer)
         # Straight to the aiokafka producer under Faust's (the same instance and settings):
         # Faust's send adds, per record, a check of the headers against ``typing.Mapping`` and an
         # ``on_produce_message`` signal nobody here listens to: a few us per delta, for nothing.
@@ -124,6 +146,7 @@ class KafkaPublisher:
         return cast(Any, self._app.producer)._ensure_producer()
 
     async def send_response(self, response: ChatResponse, headers: Headers) -> None:
+        self._track_written_topics(self._aiokafka_producer())
         fut = await self._app.producer.send(
             self._responses,
             response.conversation_id.encode(),
@@ -136,6 +159,7 @@ class KafkaPublisher:
         await fut
 
     async def send_dead_letter(self, event: Any, error: InvalidRequestError) -> None:
+        self._track_written_topics(self._aiokafka_producer())
         message = event.message
         headers = dead_letter_headers(
             list(message.headers or ()),
@@ -521,6 +545,7 @@ class Worker:
     metrics: WorkerMetrics
     client: VapiClient
     handler: RequestHandler
+    publisher: KafkaPublisher
 
     def vapi_auth_ok(self) -> bool:
         return self.handler.auth_ok
@@ -587,7 +612,7 @@ def build_worker(
         on_malformed=lambda _reason: metrics.malformed_events_total.inc(),
         scrub=settings.secrets(),
     )
-    publisher = KafkaPublisher(app, settings)
+    publisher = KafkaPublisher(app, settings, also_written=[table.changelog_topic.get_topic_name()])
     handler = RequestHandler(
         client,
         publisher,
@@ -636,7 +661,7 @@ def build_worker(
         async for event in manual.events():
             await dispatcher.take(manual, event)
 
-    return Worker(app, settings, dispatcher, metrics, client, handler)
+    return Worker(app, settings, dispatcher, metrics, client, handler, publisher)
 
 
 def _kafka_credentials(settings: Settings) -> Any:
