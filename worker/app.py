@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError
+from worker.failures import stops_the_worker
 from worker.limits import fit_dead_letter
 from worker.messages import (
     ChatDelta,
@@ -41,10 +42,10 @@ from worker.messages import (
     decode_request,
 )
 from worker.metrics import WorkerMetrics
-from worker.pipeline import HandlerSettings, RequestHandler
+from worker.pipeline import HandlerSettings, Outcome, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
-from worker.state import ConversationStore, SourcePosition, StateTable
+from worker.state import ConversationState, ConversationStore, SourcePosition, StateTable
 from worker.topics import STATE_TABLE
 from worker.vapi.client import VapiClient, VapiTimeouts
 
@@ -78,7 +79,9 @@ class KafkaPublisher:
     #: Conversations whose delta partition is remembered; the map is dropped when it is full.
     MAX_REMEMBERED_PARTITIONS = 65_536
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
+    def __init__(
+        self, app: faust.App, settings: Settings, *, also_written: Sequence[str] = ()
+    ) -> None:
         self._app = app
         #: The producer's ``max_request_size``: no record larger than this may be sent.
         self.max_record_bytes: int = app.conf.producer_max_request_size
@@ -86,6 +89,24 @@ class KafkaPublisher:
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
         self._delta_partitions: dict[bytes, TopicPartition] = {}
+        #: Every topic this process writes to: the outputs, and ``also_written`` (the changelog).
+        self.written_topics = (self._deltas, self._responses, self._dlq, *also_written)
+        self._tracking = False
+
+    def _track_written_topics(self, producer: Any) -> None:
+        """Have the producer keep every written topic in its metadata, from the first write on.
+
+        aiokafka fetches the metadata of all topics until it is asked for one it does not know
+        (a send to it); from then on it refreshes only the topics asked for so. A topic known
+        from an all-topics fetch was never asked for: it drops out of the metadata at the next
+        refresh, and a batch for it that was still waiting then is never sent: its partition
+        stalls (seen with the changelog created late at start-up). Tracked from the start, no
+        written topic can drop out.
+        """
+        if not self._tracking:
+            for topic in self.written_topics:
+                producer.client.add_topic(topic)
+            self._tracking = True
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
         key = delta.conversation_id.encode()
@@ -106,6 +127,8 @@ class KafkaPublisher:
                     tp, key, delta.encode(), producer._request_timeout_ms / 1000, headers=headers
                 ),
             )
+        # Only reached before the fast path above: its batches need the topic tracked.
+        self._track_written_topics(producer)
         # Straight to the aiokafka producer under Faust's (the same instance and settings):
         # Faust's send adds, per record, a check of the headers against ``typing.Mapping`` and an
         # ``on_produce_message`` signal nobody here listens to: a few us per delta, for nothing.
@@ -130,6 +153,7 @@ class KafkaPublisher:
         return cast(Any, self._app.producer)._ensure_producer()
 
     async def send_response(self, response: ChatResponse, headers: Headers) -> None:
+        self._track_written_topics(self._aiokafka_producer())
         fut = await self._app.producer.send(
             self._responses,
             response.conversation_id.encode(),
@@ -142,6 +166,7 @@ class KafkaPublisher:
         await fut
 
     async def send_dead_letter(self, event: Any, error: InvalidRequestError) -> None:
+        self._track_written_topics(self._aiokafka_producer())
         message = event.message
         headers = dead_letter_headers(
             list(message.headers or ()),
@@ -181,6 +206,8 @@ class Job:
     #: Set once Vapi's part is done and the final response is being published and recorded:
     #: a release waits for this short step instead of cancelling it half-way.
     finishing: bool = False
+    #: Set once the request's final response is on the broker.
+    published: bool = False
 
     def start(self, ticket: Ticket[Job]) -> None:
         self.ticket = ticket
@@ -304,12 +331,40 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Kafka refused an output, or a bug: the record is not acked, so it is not lost;
-            # the worker stops and its partitions go to a healthy replica.
-            log.exception("request crashed the worker")
-            await self._on_crash(exc)
-            return
+            if not await self._survive(job, exc):
+                return
         await self._finish(job)
+
+    async def _survive(self, job: Job, exc: Exception) -> bool:
+        """Handle a request's failure; True when the worker goes on (``worker.failures``).
+
+        Kafka gone: the record is not acked, so it is not lost; the worker stops and its
+        partitions go to a healthy replica. Anything else ends this one request: logged with its
+        traceback, counted, a ``failed`` response (``internal_error``) unless its final response
+        is already out, and the record acked so the partition goes on.
+        """
+        if stops_the_worker(exc):
+            log.error("Kafka refused an output: the worker stops", exc_info=exc)
+            await self._on_crash(exc)
+            return False
+        request = job.request
+        if request is None or job.published:
+            log.error("request ended by an internal error", exc_info=exc)
+            self._metrics.internal_errors_total.inc()
+            return True
+        handled, job.finishing = job.finishing, True
+        try:
+            outcome = self._handler.internal_failure(
+                request, exc, queued_at=job.queued_at, handled=handled
+            )
+            await self._record(job, request, self._store.get(request.conversation_id), outcome)
+        except Exception as again:
+            if stops_the_worker(again):
+                log.error("Kafka refused an output: the worker stops", exc_info=again)
+                await self._on_crash(again)
+                return False
+            log.error("the failed response could not be published either", exc_info=again)
+        return True
 
     async def _dead_letter(self, job: Job) -> None:
         assert job.invalid is not None
@@ -343,13 +398,20 @@ class Dispatcher:
         finally:
             self._metrics.in_flight.dec()
         job.finishing = True
+        await self._record(job, request, state, outcome)
+
+    async def _record(
+        self, job: Job, request: ChatRequest, state: ConversationState, outcome: Outcome
+    ) -> None:
+        """Publish the final response, then remember the request as finished."""
         await self._handler.publish(outcome, job.trace_headers)
+        job.published = True
         new_state = state.after_request(
             request.request_id,
             outcome.chat_id,
             outcome.session_id,
             keep=self._settings.worker_completed_ids_kept,
-            source=source,
+            source=source_position(job.event.message),
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 
@@ -508,9 +570,14 @@ class Worker:
     metrics: WorkerMetrics
     client: VapiClient
     handler: RequestHandler
+    publisher: KafkaPublisher
 
     def vapi_auth_ok(self) -> bool:
         return self.handler.auth_ok
+
+    def vapi_backoff_s(self) -> float:
+        """Seconds left of the worker-wide pause after a 429 (0 when none)."""
+        return self.handler.backoff_remaining_s()
 
 
 def build_worker(
@@ -569,8 +636,9 @@ def build_worker(
         ),
         max_connections=settings.vapi_max_connections,
         on_malformed=lambda _reason: metrics.malformed_events_total.inc(),
+        scrub=settings.secrets(),
     )
-    publisher = KafkaPublisher(app, settings)
+    publisher = KafkaPublisher(app, settings, also_written=[table.changelog_topic.get_topic_name()])
     handler = RequestHandler(
         client,
         publisher,
@@ -578,6 +646,7 @@ def build_worker(
             max_attempts=settings.retry_max_attempts,
             base_delay_s=settings.retry_base_delay_s,
             max_delay_s=settings.retry_max_delay_s,
+            retry_after_max_s=settings.retry_after_max_s,
         ),
         SharedBackoff(),
         metrics,
@@ -591,6 +660,8 @@ def build_worker(
             max_record_bytes=publisher.max_record_bytes,
         ),
     )
+
+    metrics.watch_backoff(handler.backoff_remaining_s)
 
     async def crash(exc: BaseException) -> None:
         await app.crash(exc)
@@ -618,7 +689,7 @@ def build_worker(
         async for event in manual.events():
             await dispatcher.take(manual, event)
 
-    return Worker(app, settings, dispatcher, metrics, client, handler)
+    return Worker(app, settings, dispatcher, metrics, client, handler, publisher)
 
 
 def _kafka_credentials(settings: Settings) -> Any:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.logs import configure_logging
+from worker.logs import configure_logging, register_secret
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValidationError, ConfigError) as exc:
         print(f"vapi-worker: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    for secret in settings.secrets():
+        register_secret(secret.get_secret_value())
     configure_logging(settings.log_level, settings.log_format)
     try:
         return _dispatch(args, settings)

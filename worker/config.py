@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     retry_max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_s: float = Field(default=0.5, ge=0)
     retry_max_delay_s: float = Field(default=20.0, ge=0)
+    retry_after_max_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
 
     # Concurrency
     worker_max_in_flight: int = Field(default=256, ge=1)
@@ -109,6 +110,11 @@ class Settings(BaseSettings):
         self.vapi_api_key = SecretStr(key)
         self._key_from_file = True
         return self
+
+    def secrets(self) -> list[SecretStr]:
+        """Every ``SecretStr`` setting that is set, whatever its name: what logs must never show."""
+        values = (getattr(self, name) for name in type(self).model_fields)
+        return [value for value in values if isinstance(value, SecretStr)]
 
     def default_assistant_id(self) -> str:
         """The assistant for requests that name none; required when a real Vapi is configured."""

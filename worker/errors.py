@@ -4,11 +4,13 @@
     ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
     ├── ConfigError                settings that cannot work together (exit with a message)
     ├── ReplyTooLargeError         Vapi's reply outgrew MAX_REPLY_CHARS or a response record
+    ├── InternalError              anything unplanned in one request's path, a bug included
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
         ├── VapiStreamBrokenError  the stream ended abnormally after it started    retryable
-        ├── VapiProtocolError      not Vapi's SSE (content type, undecodable)      not retryable
+        ├── VapiProtocolError      not Vapi's protocol (content type, undecodable,  not retryable
+        │                          a status outside 100-599)
         └── VapiStatusError        a non-2xx status; retryable for 429 and 5xx
             ├── VapiAuthError        401/403: bad key; reported, not retried
             └── VapiRateLimitedError 429, with the server's Retry-After in seconds if given
@@ -51,6 +53,12 @@ class ReplyTooLargeError(WorkerError):
     http_status: int | None = None
 
 
+class InternalError(WorkerError):
+    """An exception nobody planned for ended one request (``worker.failures`` says which)."""
+
+    code = "internal_error"
+
+
 class VapiError(WorkerError):
     """Talking to Vapi failed."""
 
@@ -84,7 +92,7 @@ class VapiStreamBrokenError(VapiError):
 
 
 class VapiProtocolError(VapiError):
-    """The response is not Vapi's protocol (wrong content type, undecodable event)."""
+    """The response is not Vapi's protocol (content type, undecodable, status outside HTTP's)."""
 
     code = "vapi_protocol_error"
 

@@ -7,7 +7,10 @@ Request context (``request_id``, ``conversation_id``, ``attempt``) is bound by t
 ``structlog.contextvars`` and merged into every line, the libraries' lines included.
 
 Secrets never reach the output: a value registered with ``register_secret`` is replaced by
-``***`` wherever it appears in a string, and any ``Bearer <token>`` is masked.
+``***`` wherever it appears in a string, and any ``Bearer <token>`` is masked. The CLI registers
+every ``SecretStr`` setting before the first line is logged. Values are masked before rendering
+(JSON lines, exceptions included, are rendered from masked values); the console renderer formats
+tracebacks itself, so its rendered text is masked once more.
 
 Faust's worker (``mode.Worker``) replaces the root logger's handlers at start unless it is created
 with ``override_logging=False``; the CLI configures logging here and starts Faust that way.
@@ -19,6 +22,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
+from types import TracebackType
 from typing import Any, Final, Literal, TextIO
 
 import structlog
@@ -120,6 +124,8 @@ def configure_logging(
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
     _install(handler, threshold)
+    # Python prints an uncaught exception's traceback itself, past every processor.
+    sys.excepthook = _log_uncaught
 
 
 def _install(handler: logging.Handler, threshold: int) -> None:
@@ -137,6 +143,16 @@ def _install(handler: logging.Handler, threshold: int) -> None:
     logging.captureWarnings(True)
 
 
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, traceback: TracebackType | None
+) -> None:
+    """``sys.excepthook``: an uncaught exception becomes a log line, masked like every other."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, traceback)
+        return
+    logging.getLogger("worker").critical("uncaught exception", exc_info=(exc_type, exc, traceback))
+
+
 def _render_chain(*, json: bool, colors: bool) -> list[Processor]:
     if json:
         return [
@@ -144,8 +160,18 @@ def _render_chain(*, json: bool, colors: bool) -> list[Processor]:
             redact_secrets,
             structlog.processors.JSONRenderer(default=_json_default),
         ]
-    # The console renderer formats exceptions itself (tracebacks are not redacted there).
-    return [redact_secrets, structlog.dev.ConsoleRenderer(colors=colors)]
+    # The console renderer formats exceptions itself, into the text it returns: that text is
+    # masked after rendering. Plain tracebacks: no local variables, no colour codes that could
+    # split a secret apart.
+    renderer = structlog.dev.ConsoleRenderer(
+        colors=colors, exception_formatter=structlog.dev.plain_traceback
+    )
+    return [redact_secrets, renderer, _redact_rendered]
+
+
+def _redact_rendered(_logger: WrappedLogger, _method: str, rendered: Any) -> Any:
+    """A processor after a renderer: mask secrets in the rendered line itself."""
+    return _redact_text(rendered) if isinstance(rendered, str) else rendered
 
 
 def _wants_json(fmt: LogFormat, stream: TextIO) -> bool:

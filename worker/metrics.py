@@ -5,6 +5,7 @@ has a bounded set of values; the sets below are pre-initialised so that each ser
 from the first scrape, and ``rate()`` sees the first increment.
 
     chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
+    chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
     chat_worker_deltas_total                     deltas published to the delta topic
     chat_worker_in_flight                        Vapi streams open now
     chat_worker_buffered                         records taken from Kafka and not finished
@@ -19,11 +20,12 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
     chat_worker_broker_reachable                 1 when the last broker metadata request succeeded
+    chat_worker_vapi_backoff_seconds             seconds left of the worker-wide pause after a 429
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -138,6 +140,11 @@ class WorkerMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.internal_errors_total = Counter(
+            f"{PREFIX}_internal_errors_total",
+            "Requests (and unreadable records) ended by an exception nobody planned for, a bug.",
+            registry=registry,
+        )
         self.deltas_total = Counter(
             f"{PREFIX}_deltas_total", "Deltas published to the delta topic.", registry=registry
         )
@@ -212,12 +219,21 @@ class WorkerMetrics:
             "1 when the last metadata request to the Kafka cluster (every 10 s) succeeded, else 0.",
             registry=registry,
         )
+        self.vapi_backoff_seconds = Gauge(
+            f"{PREFIX}_vapi_backoff_seconds",
+            "Seconds left of the pause a 429 put on every Vapi call of this worker (0: none).",
+            registry=registry,
+        )
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
         for reason in RETRY_REASONS:
             self.retries_total.labels(reason=reason)
         for reason in DLQ_REASONS:
             self.dlq_total.labels(reason=reason)
+
+    def watch_backoff(self, remaining_s: Callable[[], float]) -> None:
+        """Read ``chat_worker_vapi_backoff_seconds`` from ``remaining_s`` at every scrape."""
+        self.vapi_backoff_seconds.set_function(remaining_s)
 
     def count_dead_letter(self, reason: str) -> None:
         """Count one record sent to the DLQ, with its reason code bounded by ``dlq_reason``."""

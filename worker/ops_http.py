@@ -9,7 +9,9 @@ A readiness callable that raises counts as not ready.
 The optional dependencies callable reports what every pod shares (the broker, the Vapi key) under
 ``"dependencies"`` in both bodies and never changes a status: a shared failure would take every
 pod out at once, which helps nothing and blocks node drains. One that raises reports ``{}``.
-Access logs are off: probes would drown the worker's own lines.
+The optional info callable adds an ``"info"`` object to the readiness body: states worth seeing
+that do not make the pod unready (a 429 backoff); one that raises shows ``{"error": <type>}``
+there and changes nothing else. Access logs are off: probes would drown the worker's own lines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 Readiness = Callable[[], Mapping[str, bool]]
+Info = Callable[[], Mapping[str, object]]
 Liveness = Callable[[], bool]
 
 _log = structlog.get_logger(__name__)
@@ -42,11 +45,13 @@ class OpsServer:
         *,
         liveness: Liveness | None = None,
         dependencies: Readiness | None = None,
+        info: Info | None = None,
     ) -> None:
         self._registry = registry
         self._readiness = readiness
         self._liveness = liveness
         self._dependencies = dependencies
+        self._info = info
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -103,11 +108,22 @@ class OpsServer:
         except Exception as exc:
             _log.warning("readiness check raised", exc_info=exc)
             body = {"ready": False, "checks": {}, "failing": [], "error": type(exc).__name__}
-            return web.json_response(body, status=503, headers=_NO_CACHE)
+            return web.json_response(self._with_info(body), status=503, headers=_NO_CACHE)
         failing = sorted(name for name, ok in checks.items() if not ok)
         ready = not failing
         body = {"ready": ready, "checks": checks, "failing": failing, **self._dependency_report()}
-        return web.json_response(body, status=200 if ready else 503, headers=_NO_CACHE)
+        status = 200 if ready else 503
+        return web.json_response(self._with_info(body), status=status, headers=_NO_CACHE)
+
+    def _with_info(self, body: dict[str, object]) -> dict[str, object]:
+        if self._info is None:
+            return body
+        try:
+            info = dict(self._info())
+        except Exception as exc:
+            _log.warning("readiness info raised", exc_info=exc)
+            info = {"error": type(exc).__name__}
+        return {**body, "info": info}
 
     def _dependency_report(self) -> dict[str, dict[str, bool]]:
         if self._dependencies is None:

@@ -21,12 +21,15 @@ import structlog
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
 from worker.errors import (
+    InternalError,
     ReplyTooLargeError,
     VapiAuthError,
     VapiError,
     VapiRateLimitedError,
     VapiStatusError,
+    WorkerError,
 )
+from worker.failures import stops_the_worker
 from worker.limits import MAX_DELTA_TEXT_BYTES, SAFE_DELTA_CHARS, record_bytes, split_text
 from worker.messages import (
     ChatDelta,
@@ -180,8 +183,13 @@ class RequestHandler:
             context_reset=request.reset_context and state.chat_id is not None,
         )
         self._metrics.queue_wait_seconds.observe(now - queued_at)
-        # The same headers go on every delta of the request: built once, not per delta.
-        outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        try:
+            # The same headers go on every delta of the request: built once, not per delta.
+            outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        except Exception as exc:
+            if stops_the_worker(exc):
+                raise
+            outcome = self._internal_failure(run, exc)
         outcome = self._fitted(run, outcome, trace_headers)
         self._record_outcome(run, outcome.response)
         return outcome
@@ -209,6 +217,40 @@ class RequestHandler:
         )
         log.warning("request failed", error=err.code, message=str(err))
         return self._failed(run, err)
+
+    def internal_failure(
+        self, request: ChatRequest, exc: Exception, *, queued_at: float, handled: bool
+    ) -> Outcome:
+        """The ``failed`` outcome of a request that ``exc`` ended outside ``handle``.
+
+        ``handled``: ``handle`` returned before ``exc`` (publishing failed), so the request is
+        already counted in ``chat_worker_requests_total``; it is not counted twice.
+        """
+        now = self._clock()
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+        outcome = self._internal_failure(run, exc)
+        if not handled:
+            self._record_outcome(run, outcome.response)
+        return outcome
+
+    def _internal_failure(self, run: _Run, exc: Exception) -> Outcome:
+        """End the request on an exception nobody planned for: logged with its traceback, counted.
+
+        The response names the exception's type only: its text may carry anything.
+        """
+        log.error("request ended by an internal error", exc_info=exc)
+        self._metrics.internal_errors_total.inc()
+        error = InternalError(
+            f"the worker failed on this request ({type(exc).__name__}); its log has the details"
+        )
+        return self._failed(run, error)
 
     async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
         """Publish the one final response and wait for the broker's ack."""
@@ -267,12 +309,30 @@ class RequestHandler:
             run.context_reset = True
             self._metrics.retries_total.labels(reason="context_reset").inc()
             return 0.0
-        if isinstance(err, VapiRateLimitedError) and err.retry_after_s:
-            self._backoff.pause_until(self._clock() + err.retry_after_s)
+        pause = self._policy.rate_limit_pause(err)
+        if pause:
+            self._pause_everyone(pause, err)
         delay = self._policy.delay_for(run.attempts, err, self._rng)
         if delay is not None:
             self._metrics.retries_total.labels(reason=_retry_reason(err)).inc()
         return delay
+
+    def _pause_everyone(self, pause: float, err: VapiError) -> None:
+        """Hold every call of this worker for ``pause`` seconds (a 429's Retry-After, capped)."""
+        now = self._clock()
+        before = self._backoff.remaining(now)
+        self._backoff.pause_until(now + pause)
+        if self._backoff.remaining(now) > before:
+            asked = err.retry_after_s if isinstance(err, VapiRateLimitedError) else None
+            log.warning(
+                "Vapi rate-limited the worker: every call waits",
+                pause_s=round(pause, 3),
+                retry_after_s=asked,
+            )
+
+    def backoff_remaining_s(self) -> float:
+        """Seconds left of the worker-wide pause after a 429 (0 when none)."""
+        return self._backoff.remaining(self._clock())
 
     @staticmethod
     def _is_stale_context(run: _Run, err: VapiError) -> bool:
@@ -446,7 +506,7 @@ class RequestHandler:
         )
         return Outcome(response, attempt.chat_id, attempt.session_id)
 
-    def _failed(self, run: _Run, err: VapiError | ReplyTooLargeError) -> Outcome:
+    def _failed(self, run: _Run, err: WorkerError) -> Outcome:
         request = run.request
         response = ChatResponse(
             request_id=request.request_id,
@@ -462,7 +522,7 @@ class RequestHandler:
                 code=err.code,
                 message=str(err),
                 retryable=err.retryable,
-                http_status=err.http_status,
+                http_status=err.http_status if isinstance(err, VapiError) else None,
             ),
             timings=self._timings(run),
             metadata=request.metadata,

@@ -4,6 +4,9 @@
   "Exponential Backoff And Jitter"): the n-th retry waits ``uniform(0, min(max, base * 2**(n-1)))``,
   which spreads a crowd of failed calls evenly instead of letting them retry in lock-step. A 429's
   ``Retry-After`` is a floor on that delay. Errors that are not ``retryable`` are never retried.
+* ``RetryPolicy.rate_limit_pause`` — how long a 429 pauses the whole worker: its ``Retry-After``,
+  cut to ``retry_after_max_s``. The header is the server's (or any proxy's) word: ``1e20`` seconds
+  or a date in the year 9999 would otherwise fail every request of the worker for good.
 * ``parse_retry_after`` — ``Retry-After``: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
 * ``SharedBackoff`` — one gate for the whole worker: when Vapi rate-limits one call, every call
   waits, so a burst of 429s slows everyone down instead of being retried by each stream separately.
@@ -33,23 +36,29 @@ _DELAY_SECONDS: Final = re.compile(r"\d+(?:\.\d+)?")
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How often and how patiently to retry a failed call; ``max_attempts`` counts the first."""
+    """How often and how patiently to retry a failed call; ``max_attempts`` counts the first.
+
+    ``retry_after_max_s`` bounds what a 429's ``Retry-After`` can ask for.
+    """
 
     max_attempts: int
     base_delay_s: float
     max_delay_s: float
+    retry_after_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
         if not 0 <= self.base_delay_s <= self.max_delay_s or not math.isfinite(self.max_delay_s):
             raise ConfigError("retry delays must satisfy 0 <= base_delay_s <= max_delay_s < inf")
+        if not (0 < self.retry_after_max_s < math.inf):
+            raise ConfigError("retry_after_max_s must be a positive number of seconds")
 
     def delay_for(self, attempt: int, error: VapiError, rng: random.Random) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, after ``attempt`` (from 1) failed.
 
         ``None`` means give up: the error is not retryable, or ``attempt`` was the last one allowed.
-        A rate-limited error's ``retry_after_s`` is a floor and is not capped by ``max_delay_s``;
+        A rate-limited error's ``rate_limit_pause`` is a floor and is not capped by ``max_delay_s``;
         whether it still fits in the request's deadline is the caller's decision.
         """
         if not error.retryable or attempt >= self.max_attempts:
@@ -57,9 +66,16 @@ class RetryPolicy:
         exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
         ceiling = min(self.max_delay_s, self.base_delay_s * 2.0**exponent)
         delay = rng.uniform(0.0, ceiling)
-        if isinstance(error, VapiRateLimitedError) and error.retry_after_s is not None:
-            delay = max(delay, error.retry_after_s)
+        pause = self.rate_limit_pause(error)
+        if pause is not None:
+            delay = max(delay, pause)
         return delay
+
+    def rate_limit_pause(self, error: VapiError) -> float | None:
+        """Seconds a 429 asks every call to wait, at most ``retry_after_max_s``; else ``None``."""
+        if isinstance(error, VapiRateLimitedError) and error.retry_after_s is not None:
+            return min(error.retry_after_s, self.retry_after_max_s)
+        return None
 
 
 def parse_retry_after(value: str, now: datetime) -> float | None:

@@ -80,6 +80,17 @@ def dependencies(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
     return {"broker": broker.reachable, "vapi_auth": worker.vapi_auth_ok()}
 
 
+def readiness_info(worker: Worker) -> Mapping[str, object]:
+    """What /readyz shows beside its checks, without making the pod unready.
+
+    A 429 backoff pauses every Vapi call of this worker, but the pod can still take records,
+    publish and commit, and Vapi's limit is on the account, not the pod: another pod would be
+    told the same. Unready pods would only stall a rollout (the PDB counts them), so the pause is
+    shown here and in ``chat_worker_vapi_backoff_seconds``, and the checks stay as they are.
+    """
+    return {"vapi_backoff_s": round(worker.vapi_backoff_s(), 3)}
+
+
 def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code (Faust exits the process)."""
     base_url, api_key = vapi_endpoint(settings)
@@ -99,6 +110,7 @@ def run_worker(settings: Settings) -> int:
         lambda: readiness(worker),
         port=settings.worker_http_port,
         dependencies=lambda: dependencies(worker, broker),
+        info=lambda: readiness_info(worker),
     )
 
     async def check_broker() -> None:

@@ -184,6 +184,26 @@ async def test_readyz_is_503_when_the_readiness_callable_raises(
     assert response.json()["error"] == "RuntimeError"
 
 
+async def test_readyz_reports_the_info_beside_the_checks_without_deciding_readiness(
+    metrics: WorkerMetrics, probe: Probe
+) -> None:
+    """``info`` (e.g. a 429 backoff) shows in the body; only the checks decide 200 or 503."""
+    state: dict[str, object] = {"vapi_backoff_s": 42.5}
+    ops = OpsServer(metrics.registry, probe.readiness, "127.0.0.1", 0, info=lambda: dict(state))
+    await ops.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ops.port}", timeout=5) as http:
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["info"] == {"vapi_backoff_s": 42.5}
+            probe.checks["broker"] = False
+            unready = await http.get("/readyz")
+            assert unready.status_code == 503
+            assert unready.json()["info"] == {"vapi_backoff_s": 42.5}
+    finally:
+        await ops.stop()
+
+
 async def test_probes_are_not_cached(client: httpx.AsyncClient) -> None:
     """Every endpoint tells proxies not to cache its answer."""
     for path in ("/metrics", "/healthz", "/readyz"):

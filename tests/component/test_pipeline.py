@@ -10,32 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import socket
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from worker.limits import MAX_DELTA_TEXT_BYTES, json_text_bytes
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
-from worker.pipeline import DELTA_COUNT_BATCH, HandlerSettings, RequestHandler
+from worker.pipeline import DELTA_COUNT_BATCH, ChatStreamer, HandlerSettings, RequestHandler
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.simulator.server import RunningSimulator, SimulatorConfig, serve_simulator
 from worker.state import ConversationState
 from worker.vapi.client import VapiClient, VapiTimeouts
+from worker.vapi.events import StreamDelta
 
 pytestmark = [pytest.mark.component, pytest.mark.timeout(30)]
 
 KEY = "sk-component-3c59dc048e885024"
 ROOMY = VapiTimeouts(connect_s=2, first_delta_s=5, stall_s=5, request_s=10)
 FAST_RETRIES = RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05)
+#: The same, honouring a Retry-After of up to an hour.
+PATIENT_RETRIES = dataclasses.replace(FAST_RETRIES, retry_after_max_s=3600)
 CONVERSATION = "conv-1"
 
 
@@ -195,6 +201,8 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
             coalesce_ms: int = 0,
             max_reply_chars: int = 100_000,
             max_record_bytes: int = 1_000_000,
+            wrap_client: Callable[[VapiClient], ChatStreamer] | None = None,
+            publisher: RecordingPublisher | None = None,
         ) -> Rig:
             metrics = WorkerMetrics(CollectorRegistry())
             client = await stack.enter_async_context(
@@ -206,9 +214,9 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
                 )
             )
             fake_time = FakeTime(advance=advance_clock)
-            publisher = RecordingPublisher()
+            publisher = publisher or RecordingPublisher()
             handler = RequestHandler(
-                client,
+                client if wrap_client is None else wrap_client(client),
                 publisher,
                 policy,
                 SharedBackoff(),
@@ -303,7 +311,7 @@ async def test_429_retry_after_as_http_date_is_honoured(make_rig: MakeRig) -> No
 
 async def test_429_on_one_request_delays_another_requests_next_call(make_rig: MakeRig) -> None:
     """A 429 pauses the shared gate: a concurrent request waits it out before its next call."""
-    rig = await make_rig(advance_clock=False, deadline_s=3600)
+    rig = await make_rig(advance_clock=False, deadline_s=3600, policy=PATIENT_RETRIES)
     rig.publisher.hold("req-b")
     other = asyncio.create_task(
         rig.run("[[sim:fault disconnect after=2 times=1]] bravo", request_id="req-b"),
@@ -324,6 +332,25 @@ async def test_429_on_one_request_delays_another_requests_next_call(make_rig: Ma
     assert max(rig.time.delays("req-a")) >= 600
 
 
+@pytest.mark.parametrize(
+    "retry_after", ["99999999999999999999", "Fri, 31 Dec 9999 23:59:59 GMT"], ids=["1e20", "y9999"]
+)
+async def test_an_absurd_retry_after_pauses_the_worker_for_the_cap_only(
+    make_rig: MakeRig, retry_after: str
+) -> None:
+    """Retry-After of 1e20 s or a date 8000 years ahead: the worker pauses at most the cap (60 s),
+    retries, and the requests after it are served, not failed at once."""
+    rig = await make_rig()
+    fault = f'[[sim:fault status code=429 retry_after="{retry_after}" times=1]]'
+    limited = await rig.run(f"{fault} alpha", request_id="req-a")
+    _assert_completed(rig, limited, attempts=2)
+    assert rig.time.delays() == [60.0]
+    later = await rig.run("bravo", request_id="req-b")
+    _assert_completed(rig, later, attempts=1)
+    assert rig.time.delays() == [60.0], "the pause was over for the next request"
+    assert rig.handler.backoff_remaining_s() == 0
+
+
 # --- server errors and broken connections --------------------------------------------------------
 
 
@@ -331,7 +358,7 @@ async def test_a_shared_pause_longer_than_the_deadline_fails_the_request_at_once
     make_rig: MakeRig,
 ) -> None:
     """A request whose deadline ends inside the worker's 429 pause fails now, without a call."""
-    rig = await make_rig(advance_clock=False, deadline_s=60)
+    rig = await make_rig(advance_clock=False, deadline_s=60, policy=PATIENT_RETRIES)
     first = await rig.run("[[sim:fault status code=429 retry_after=600]] alpha", request_id="req-a")
     assert first.status == "failed"
     second = await rig.run("bravo", request_id="req-b")
@@ -562,6 +589,82 @@ async def test_exhausted_retries_end_in_exactly_one_failed_response(
     assert [attempt for attempt, _ in rig.calls("req-1")] == list(range(1, attempts + 1))
     assert len(rig.time.delays()) == attempts - 1
     assert rig.sample("chat_worker_requests_total", outcome="completed") == 0
+
+
+# --- answers and bugs nobody planned for --------------------------------------------------------
+
+
+async def test_a_status_outside_http_ends_the_request_failed_without_retries(
+    make_rig: MakeRig,
+) -> None:
+    """A status line of 999 (a broken proxy) is not Vapi's protocol: one failed response."""
+    rig = await make_rig()
+    response = await rig.run("[[sim:fault rawstatus code=999]] hi")
+    _assert_failed(
+        rig, response, code="vapi_protocol_error", retryable=False, http_status=None, attempts=1
+    )
+    assert response.error is not None
+    assert "999" in response.error.message
+    assert rig.calls("req-1") == [(1, 999)]
+    assert rig.sample("chat_worker_internal_errors_total") == 0
+
+
+class BuggyStreamer:
+    """The real client, with a bug: its first stream raises ``KeyError`` after one delta."""
+
+    def __init__(self, client: VapiClient) -> None:
+        self._client = client
+        self._calls = 0
+
+    async def stream_chat(
+        self, body: dict[str, object], *, request_id: str, attempt: int
+    ) -> AsyncGenerator[StreamDelta, None]:
+        self._calls += 1
+        buggy = self._calls == 1
+        async for delta in self._client.stream_chat(body, request_id=request_id, attempt=attempt):
+            yield delta
+            if buggy:
+                raise KeyError("a bug in the request path")
+
+
+async def test_a_bug_in_the_request_path_ends_that_request_with_internal_error(
+    make_rig: MakeRig,
+) -> None:
+    """An exception nobody planned for is not retried: one failed response, counted, logged."""
+    rig = await make_rig(wrap_client=BuggyStreamer)
+    with capture_logs() as logs:
+        response = await rig.run("hi")
+    _assert_failed(
+        rig, response, code="internal_error", retryable=False, http_status=None, attempts=1
+    )
+    assert response.error is not None
+    assert "KeyError" in response.error.message
+    assert rig.sample("chat_worker_internal_errors_total") == 1
+    [logged] = [line for line in logs if line.get("exc_info")]
+    assert logged["log_level"] == "error"
+    assert isinstance(logged["exc_info"], KeyError)
+    # The next request of the same handler runs as usual.
+    _assert_completed(rig, await rig.run("hi again", request_id="req-2"), attempts=1)
+
+
+class RefusingPublisher(RecordingPublisher):
+    """Kafka refuses every delta: the loss of Kafka, which must reach the dispatcher."""
+
+    async def send_delta(
+        self, delta: ChatDelta, headers: Sequence[tuple[str, bytes]]
+    ) -> Awaitable[object]:
+        raise KafkaTimeoutError("no broker answered")
+
+
+async def test_the_loss_of_kafka_is_not_mistaken_for_one_requests_trouble(
+    make_rig: MakeRig,
+) -> None:
+    """A Kafka error publishing an output leaves the handler: no response, nothing counted."""
+    rig = await make_rig(publisher=RefusingPublisher())
+    with pytest.raises(KafkaTimeoutError):
+        await rig.run("hi")
+    assert rig.publisher.responses == []
+    assert rig.sample("chat_worker_internal_errors_total") == 0
 
 
 # --- delta coalescing ----------------------------------------------------------------------------

@@ -341,6 +341,21 @@ async def test_status_fault_with_http_date_retry_after(client: httpx.AsyncClient
     assert 25 < ahead <= 31
 
 
+async def test_rawstatus_fault_sends_a_status_outside_http(
+    client: httpx.AsyncClient, sim: RunningSimulator
+) -> None:
+    """``rawstatus code=999`` answers a bare ``HTTP/1.1 999`` line, as a broken proxy might."""
+    response = await client.post("/chat", json=chat_body("x [[sim:fault rawstatus code=999]]"))
+    assert response.status_code == 999
+    call = sim.state.calls[-1]
+    assert (call.fault, call.status, call.outcome, call.chat_id) == (
+        "rawstatus",
+        999,
+        "fault",
+        None,
+    )
+
+
 async def test_reset_fault_is_a_connection_error(
     client: httpx.AsyncClient, sim: RunningSimulator
 ) -> None:

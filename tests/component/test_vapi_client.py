@@ -227,12 +227,42 @@ async def test_api_key_echoed_by_the_server_is_scrubbed(vapi: VapiClient) -> Non
     assert "bad key **********" in str(error)
 
 
+async def test_every_other_secret_echoed_by_the_server_is_scrubbed(sim: RunningSimulator) -> None:
+    """The worker's other secrets (a Kafka password) are scrubbed from Vapi's text as well."""
+    others = [SecretStr("sasl-pw-0451"), SecretStr("")]
+    async with VapiClient(sim.base_url, SecretStr(KEY), ROOMY, scrub=others) as vapi:
+        _, error = await _collect(
+            vapi, "[[sim:fault status code=400 message='pw sasl-pw-0451']] hi"
+        )
+    assert isinstance(error, VapiStatusError)
+    assert "sasl-pw-0451" not in f"{error} {error!r} {error.body}"
+    assert "pw **********" in str(error)
+
+
 async def test_non_sse_answer_is_a_protocol_error(vapi: VapiClient) -> None:
     """A 200 that is not text/event-stream (here: stream false) is VapiProtocolError."""
     _, error = await _collect(vapi, "hi", stream=False)
     assert isinstance(error, VapiProtocolError)
     assert "application/json" in str(error)
     assert not error.retryable
+
+
+@pytest.mark.parametrize("code", [999, 600])
+async def test_a_status_outside_http_is_a_protocol_error(vapi: VapiClient, code: int) -> None:
+    """A status line outside 100-599 (a broken proxy) is VapiProtocolError, not retried."""
+    deltas, error = await _collect(vapi, f"[[sim:fault rawstatus code={code}]] hi")
+    assert deltas == []
+    assert isinstance(error, VapiProtocolError)
+    assert (error.http_status, error.retryable) == (None, False)
+    assert str(code) in str(error)
+
+
+async def test_an_unreadable_status_line_is_a_connect_error(vapi: VapiClient) -> None:
+    """A status line aiohttp cannot read at all (``HTTP/1.1 0``) is no response: retryable."""
+    deltas, error = await _collect(vapi, "[[sim:fault rawstatus code=0]] hi")
+    assert deltas == []
+    assert isinstance(error, VapiConnectError)
+    assert error.retryable
 
 
 # --- broken connections ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, and the API key.
+"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, and the secrets.
 
 Every run is checked by one helper, ``check_invariants``: each request has exactly one final
 response of the expected status (none lost, no duplicates), each conversation's chain of chat ids
@@ -922,20 +922,29 @@ async def test_sigterm_finishes_short_streams_cuts_long_ones_and_exits_zero(
         await check_invariants("sigterm", plan, reader, simulator.calls(), runs=2)
 
 
-# --- 6. the API key never leaks ---------------------------------------------------------------
+# --- 6. no secret leaks ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
-async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
+async def test_no_secret_setting_appears_in_any_output_even_around_a_401(
     kafka_bootstrap: str, unique_name: str, tmp_path: Path
 ) -> None:
-    """A distinctive key, a simulated and a real 401: no log, record, header or metric shows it."""
+    """A distinctive Vapi key and Kafka password, a simulated and a real 401, and an error text
+    that echoes both back: no log line (JSON or console), record, header or metric shows them.
+
+    The Kafka password is set although the broker speaks PLAINTEXT (the worker still holds it);
+    it reaches the worker's path through Vapi's error text, as a secret echoed by any upstream
+    would. One worker logs as JSON, the other in console format.
+    """
     key = f"vapi-secret-{uuid.uuid4().hex}"
     wrong_key = f"vapi-wrong-{uuid.uuid4().hex}"
+    password = f"sasl-secret-{uuid.uuid4().hex}"
     sim = SimulatorProcess(api_key=key).start()
     good_topics, bad_topics = Topics.unique(unique_name), Topics.unique(f"{unique_name}-401")
-    env = {"LOG_LEVEL": "DEBUG"}
-    good = Workers(kafka_bootstrap, good_topics, sim, tmp_path, VAPI_API_KEY=key, **env)
+    env = {"LOG_LEVEL": "DEBUG", "KAFKA_SASL_PASSWORD": password}
+    good = Workers(
+        kafka_bootstrap, good_topics, sim, tmp_path, VAPI_API_KEY=key, LOG_FORMAT="console", **env
+    )
     bad = Workers(kafka_bootstrap, bad_topics, sim, tmp_path, VAPI_API_KEY=wrong_key, **env)
     try:
         plan = Plan()
@@ -943,6 +952,8 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
             for conv in ("k0", "k1"):
                 fault = " [[sim:fault status code=401]]" if (conv, turn) == ("k1", 2) else ""
                 plan.add(conv, turn, paced(f"Turn {turn}.", 5, 10, extra=fault))
+        echo = f' [[sim:fault status code=422 message="echo {password} {key}"]]'
+        plan.add("k2", 1, paced("Echo.", 5, 10, extra=echo))
         # The second worker has a key the simulator does not know: a real 401 from the auth check.
         bad_plan = Plan()
         bad_plan.add("w0", 1, "Hello?")
@@ -959,10 +970,18 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
             await reader.wait_for(lambda out: len(out.dlq) >= 1, 30, "one DLQ record")
             await bad_reader.wait_for_responses(bad_plan.request_ids, 60)
             await check_invariants(
-                "secrets", plan, reader, sim.calls(), runs=1, expect_failed=frozenset({"k1-2"})
+                "secrets",
+                plan,
+                reader,
+                sim.calls(),
+                runs=1,
+                expect_failed=frozenset({"k1-2", "k2-1"}),
             )
             failed = reader.outputs.responses_by_request()["k1-2"][0]
             assert failed["error"]["http_status"] == 401, failed
+            echoed = reader.outputs.responses_by_request()["k2-1"][0]
+            assert echoed["error"]["http_status"] == 422, echoed
+            assert "echo" in echoed["error"]["message"], echoed
             response = bad_reader.outputs.responses[0]
             assert response["status"] == "failed"
             assert response["error"]["http_status"] == 401
@@ -973,10 +992,13 @@ async def test_the_vapi_api_key_appears_in_no_output_even_around_a_401(
 
         texts = await _everything_published(kafka_bootstrap, [good_topics, bad_topics])
         texts += served
-        texts += [w.log_path.read_bytes().decode("utf-8", "replace") for w in good.started]
-        texts += [w.log_path.read_bytes().decode("utf-8", "replace") for w in bad.started]
+        logs = [w.log_path.read_bytes().decode("utf-8", "replace") for w in good.started]
+        logs += [w.log_path.read_bytes().decode("utf-8", "replace") for w in bad.started]
+        # The console renderer's "[level] event"; a JSON line would have "event": "...".
+        assert "] request failed" in logs[0], "the good worker logs in console format"
+        texts += logs
         assert len(texts) > 10
-        for secret in (key, wrong_key):
+        for secret in (key, wrong_key, password):
             for needle in (secret, secret[-16:]):
                 leaks = [text[:200] for text in texts if needle in text]
                 assert not leaks, f"{needle!r} leaked into {len(leaks)} outputs: {leaks[:3]}"

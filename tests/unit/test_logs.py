@@ -5,14 +5,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from worker import cli
+from worker.config import Settings
 from worker.errors import ConfigError
 from worker.logs import MASK, configure_logging, redact, redact_secrets, register_secret
 
@@ -140,6 +144,61 @@ def test_redaction_reaches_nested_values_and_exceptions() -> None:
     (line,) = lines(out)
     assert line["exception"][0]["exc_value"] == f"refused key {MASK}"
     assert "nested-secret-42" not in out.getvalue()
+
+
+@pytest.mark.parametrize("stream", [io.StringIO, TtyStream], ids=["plain", "colors"])
+def test_console_tracebacks_are_redacted(stream: type[io.StringIO]) -> None:
+    """In console format a traceback is rendered as text: secrets are masked there too."""
+    out = stream()
+    configure_logging("INFO", "console", stream=out)
+    register_secret("console-secret-91")
+    try:
+        raise RuntimeError("refused console-secret-91 and Bearer tok-123")
+    except RuntimeError:
+        structlog.get_logger("worker.app").exception("request crashed")
+        logging.getLogger("aiokafka").exception("library line")
+    text = out.getvalue()
+    assert "RuntimeError: refused" in text
+    assert text.count("Traceback (most recent call last)") == 2
+    assert "console-secret-91" not in text
+    assert "tok-123" not in text
+
+
+def test_an_uncaught_exception_is_logged_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's own traceback printing goes through the same renderer and masking."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    out = io.StringIO()
+    configure_logging("INFO", "console", stream=out)
+    register_secret("uncaught-secret-33")
+    try:
+        raise RuntimeError("startup refused uncaught-secret-33")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+    text = out.getvalue()
+    assert "uncaught exception" in text
+    assert "RuntimeError: startup refused ***" in text
+    assert "uncaught-secret-33" not in text
+
+
+def test_every_secret_setting_is_registered_by_the_entry_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each SecretStr setting given in the environment is masked once the CLI has read them."""
+    secrets = {
+        "KAFKA_SASL_PASSWORD": "sasl-secret-5150",
+        "VAPI_API_KEY": "vapi-secret-5150",
+        "SIMULATOR_API_KEY": "sim-secret-5150",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOG_FORMAT", "json")
+    seen: list[Settings] = []
+    monkeypatch.setattr(cli, "_dispatch", lambda _args, settings: seen.append(settings) or 0)
+    assert cli.main(["tail"]) == 0
+    fields = [name for name, value in vars(seen[0]).items() if isinstance(value, SecretStr)]
+    assert sorted(fields) == sorted(name.lower() for name in secrets), "a SecretStr field untested"
+    for value in secrets.values():
+        assert redact(f"x {value} y") == f"x {MASK} y"
 
 
 def test_redact_secrets_is_a_plain_processor() -> None:

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.unit
 #: design.md §6 plus the extras this module adds; dashboards and alerts depend on these names.
 CONTRACT = {
     "chat_worker_requests": "counter",
+    "chat_worker_internal_errors": "counter",
     "chat_worker_deltas": "counter",
     "chat_worker_in_flight": "gauge",
     "chat_worker_buffered": "gauge",
@@ -35,6 +36,7 @@ CONTRACT = {
     "chat_worker_consumer_lag": "gauge",
     "chat_worker_vapi_ready": "gauge",
     "chat_worker_broker_reachable": "gauge",
+    "chat_worker_vapi_backoff_seconds": "gauge",
 }
 
 
@@ -73,6 +75,18 @@ def test_labelled_counters_start_at_zero(
         assert sample(registry, "chat_worker_retries_total", reason=reason) == 0
     for reason in DLQ_REASONS:
         assert sample(registry, "chat_worker_dlq_total", reason=reason) == 0
+
+
+def test_vapi_backoff_is_read_from_the_gate_at_each_scrape(
+    registry: CollectorRegistry, metrics: WorkerMetrics
+) -> None:
+    """0 until a gate is watched; then whatever the gate says is left of its pause, live."""
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 0
+    left = [12.5]
+    metrics.watch_backoff(lambda: left[0])
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 12.5
+    left[0] = 0.0
+    assert sample(registry, "chat_worker_vapi_backoff_seconds") == 0
 
 
 def test_vapi_ready_starts_at_one(registry: CollectorRegistry, metrics: WorkerMetrics) -> None:

@@ -90,6 +90,35 @@ def test_retry_after_is_a_floor() -> None:
     assert POLICY.delay_for(1, error, random.Random(1)) == 30.0
 
 
+@pytest.mark.parametrize("retry_after", [61.0, 1e20, float("inf")])
+def test_retry_after_beyond_the_cap_waits_the_cap(retry_after: float) -> None:
+    """An absurd Retry-After (1e20 s, a date decades ahead) is cut to ``retry_after_max_s``."""
+    policy = RetryPolicy(max_attempts=5, base_delay_s=0.5, max_delay_s=4.0, retry_after_max_s=60)
+    error = VapiRateLimitedError("slow down", retry_after_s=retry_after)
+    assert policy.delay_for(1, error, random.Random(1)) == 60.0
+    assert policy.rate_limit_pause(error) == 60.0
+
+
+def test_rate_limit_pause_is_the_retry_after_within_the_cap() -> None:
+    """The worker-wide pause is the 429's Retry-After; no pause without one, or for other errors."""
+    policy = RetryPolicy(max_attempts=5, base_delay_s=0.5, max_delay_s=4.0, retry_after_max_s=60)
+    assert policy.rate_limit_pause(VapiRateLimitedError("429", retry_after_s=7.5)) == 7.5
+    assert policy.rate_limit_pause(VapiRateLimitedError("429", retry_after_s=None)) is None
+    assert policy.rate_limit_pause(VapiStatusError("boom", http_status=503)) is None
+
+
+def test_the_retry_after_cap_defaults_to_a_minute() -> None:
+    """Without a cap given, a Retry-After is honoured up to 60 s."""
+    assert POLICY.retry_after_max_s == 60.0
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), float("nan")])
+def test_the_retry_after_cap_must_be_a_positive_number(cap: float) -> None:
+    """A cap that is not a positive finite number is refused at construction."""
+    with pytest.raises(ConfigError):
+        RetryPolicy(5, 0.5, 4.0, retry_after_max_s=cap)
+
+
 def test_small_retry_after_keeps_the_jittered_delay_when_larger() -> None:
     """A Retry-After shorter than the drawn delay does not shorten it."""
     error = VapiRateLimitedError("slow down", retry_after_s=0.0)
@@ -122,7 +151,8 @@ def test_impossible_policies_are_config_errors(
     max_attempts=st.integers(1, 10_000),
     base=st.floats(0, 10),
     extra=st.floats(0, 100),
-    retry_after=st.none() | st.floats(0, 1e6),
+    retry_after=st.none() | st.floats(0, 1e30),
+    retry_after_max=st.floats(0.001, 1e6),
     seed=st.integers(),
 )
 def test_delay_bounds(
@@ -131,16 +161,18 @@ def test_delay_bounds(
     base: float,
     extra: float,
     retry_after: float | None,
+    retry_after_max: float,
     seed: int,
 ) -> None:
-    """Delays are None exactly past the last attempt, else within [floor, max(cap, floor)]."""
-    policy = RetryPolicy(max_attempts, base, base + extra)
+    """Delays are None exactly past the last attempt, else within [floor, max(cap, floor)],
+    the floor being the Retry-After cut to its own cap."""
+    policy = RetryPolicy(max_attempts, base, base + extra, retry_after_max_s=retry_after_max)
     error = VapiRateLimitedError("429", retry_after_s=retry_after)
     delay = policy.delay_for(attempt, error, random.Random(seed))
     if attempt >= max_attempts:
         assert delay is None
         return
-    floor = retry_after or 0.0
+    floor = min(retry_after or 0.0, retry_after_max)
     cap = min(base + extra, base * 2.0 ** min(attempt - 1, 62))
     assert delay is not None
     assert floor <= delay <= max(cap, floor)

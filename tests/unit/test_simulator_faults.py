@@ -10,6 +10,7 @@ from worker.simulator.faults import (
     FaultBook,
     FaultRule,
     MalformedFault,
+    RawStatusFault,
     ResetFault,
     StallFault,
     StatusFault,
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.unit
 def test_every_kind_parses_with_its_defaults() -> None:
     """Each fault kind has usable defaults, so ``KIND`` alone is a valid spec."""
     assert parse_fault_spec("status").fault == StatusFault(code=500)
+    assert parse_fault_spec("rawstatus").fault == RawStatusFault(code=999)
     assert parse_fault_spec("reset").fault == ResetFault()
     assert parse_fault_spec("stall").fault == StallFault(after=1, seconds=5.0)
     assert parse_fault_spec("disconnect").fault == DisconnectFault(after=1)
@@ -36,6 +38,17 @@ def test_parameters_are_typed() -> None:
     assert parse_fault_spec("status code=429 retry_after_in=2").fault == StatusFault(
         code=429, retry_after_in_s=2.0
     )
+
+
+def test_rawstatus_takes_any_code_http_has_no_meaning_for() -> None:
+    """``rawstatus`` answers what a broken proxy might: any code from 0 to 999, up front."""
+    assert parse_fault_spec("rawstatus code=0").fault == RawStatusFault(code=0)
+    assert parse_fault_spec("rawstatus code=600").fault == RawStatusFault(code=600)
+    for bad in ("rawstatus code=1000", "rawstatus code=-1", "rawstatus code=2.5"):
+        with pytest.raises(SpecError):
+            parse_fault_spec(bad)
+    plan = plan_faults([StallFault(), RawStatusFault(code=999)])
+    assert (plan.before_response, plan.kinds) == (RawStatusFault(code=999), "rawstatus")
 
 
 def test_rule_syntax_with_matchers() -> None:

@@ -26,6 +26,7 @@ from worker.simulator.faults import (
     DisconnectFault,
     FaultPlan,
     MalformedFault,
+    RawStatusFault,
     ResetFault,
     StallFault,
     StatusFault,
@@ -60,6 +61,16 @@ def _status_fault_response(fault: StatusFault) -> web.Response:
         headers["Retry-After"] = formatdate(time.time() + fault.retry_after_in_s, usegmt=True)
     message = fault.message or f"Simulated {fault.code} {HTTPStatus(fault.code).phrase}"
     return error_response(fault.code, message, headers)
+
+
+def _raw_status_response(request: web.Request, fault: RawStatusFault) -> web.Response:
+    """Write a bare status line with ``fault.code`` (aiohttp would check it), then close."""
+    body = b"broken proxy"
+    head = f"HTTP/1.1 {fault.code} Broken\r\nContent-Type: text/plain\r\n"
+    head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    if request.transport is not None:
+        request.transport.write(head.encode() + body)
+    return _close_connection(request)
 
 
 def _reset_connection(request: web.Request) -> web.Response:
@@ -128,6 +139,9 @@ class ChatHandler:
         if isinstance(faults.before_response, StatusFault):
             call.status, call.outcome = faults.before_response.code, "fault"
             return _status_fault_response(faults.before_response)
+        if isinstance(faults.before_response, RawStatusFault):
+            call.status, call.outcome = faults.before_response.code, "fault"
+            return _raw_status_response(request, faults.before_response)
         if isinstance(faults.before_response, ResetFault):
             call.outcome = "reset"
             return _reset_connection(request)

@@ -14,6 +14,8 @@ Values may be quoted like shell words (``retry_after="Wed, 21 Oct 2015 07:28:00 
                ``code=429`` (400-599, default 500), ``retry_after=`` the ``Retry-After``
                header verbatim (seconds or an HTTP-date), ``retry_after_in=S`` an HTTP-date
                S seconds from now, ``message=`` the body's message.
+``rawstatus``  ``code=N`` (0-999, default 999): answer a bare ``HTTP/1.1 N`` status line, as a
+               broken proxy might, with any number HTTP has no meaning for, then close.
 ``reset``      abort the TCP connection (RST) before any response byte.
 ``stall``      ``after=N seconds=S``: after N deltas, pause S seconds, then carry on.
 ``disconnect`` ``after=N``: after N deltas, close the connection without the final chunk.
@@ -66,6 +68,14 @@ class StatusFault:
 
 
 @dataclass(frozen=True)
+class RawStatusFault:
+    """Answer with a bare status line carrying ``code``, however meaningless, then close."""
+
+    kind: ClassVar[str] = "rawstatus"
+    code: int = 999
+
+
+@dataclass(frozen=True)
 class ResetFault:
     """Reset the connection before any response byte is sent."""
 
@@ -98,7 +108,7 @@ class MalformedFault:
     line: str = "json"
 
 
-BeforeResponseFault = StatusFault | ResetFault
+BeforeResponseFault = StatusFault | RawStatusFault | ResetFault
 InStreamFault = StallFault | DisconnectFault | MalformedFault
 Fault = BeforeResponseFault | InStreamFault
 
@@ -147,6 +157,10 @@ def _status(p: _Params) -> StatusFault:
     )
 
 
+def _raw_status(p: _Params) -> RawStatusFault:
+    return RawStatusFault(code=p.integer("code", 999, minimum=0, maximum=999))
+
+
 def _reset(p: _Params) -> ResetFault:
     return ResetFault()
 
@@ -168,6 +182,7 @@ def _malformed(p: _Params) -> MalformedFault:
 
 _BUILDERS: dict[str, Callable[[_Params], Fault]] = {
     "status": _status,
+    "rawstatus": _raw_status,
     "reset": _reset,
     "stall": _stall,
     "disconnect": _disconnect,
@@ -330,9 +345,9 @@ class FaultPlan:
 def plan_faults(armed: Sequence[Fault]) -> FaultPlan:
     """The first up-front fault wins over everything; otherwise all stream faults apply."""
     for fault in armed:
-        if isinstance(fault, StatusFault | ResetFault):
+        if isinstance(fault, BeforeResponseFault):
             return FaultPlan(before_response=fault)
-    in_stream = tuple(f for f in armed if not isinstance(f, StatusFault | ResetFault))
+    in_stream = tuple(f for f in armed if not isinstance(f, BeforeResponseFault))
     return FaultPlan(in_stream=in_stream)
 
 

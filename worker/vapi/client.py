@@ -10,6 +10,7 @@ What goes wrong is mapped here, once, to ``worker.errors`` (``raise ... from exc
     ============================================  =================================================
     401 / 403                                      VapiAuthError
     429                                            VapiRateLimitedError (``retry_after_s`` parsed)
+    a status outside 100-599 (a broken proxy)      VapiProtocolError
     any other non-2xx                              VapiStatusError (the body's message, truncated)
     2xx that is not ``text/event-stream``          VapiProtocolError
     connect timeout                                VapiTimeoutError(phase="connect")
@@ -32,8 +33,9 @@ way out, and a body not read to its end closes its connection (``worker.vapi.tra
 is cancelled elsewhere, the generator is closed by ``aclosing`` (use it: an abandoned async
 generator is only closed when garbage-collected).
 
-The API key lives in the ``Authorization`` default header (httpx masks it in reprs) and is scrubbed
-from any server text that ends up in an exception message.
+The API key lives in the ``Authorization`` default header (httpx masks it in reprs); it, and every
+other secret passed as ``scrub``, is scrubbed from any server text that ends up in an exception
+message (and so in a failed response).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -76,6 +78,9 @@ __all__ = ["VapiClient", "VapiTimeouts"]
 MAX_ERROR_BODY_BYTES: Final = 8192
 MAX_ERROR_MESSAGE_CHARS: Final = 300
 USER_AGENT: Final = "vapi-stream-worker"
+#: The statuses HTTP defines (RFC 9110 section 15); anything else is not an HTTP answer.
+MIN_HTTP_STATUS: Final = 100
+MAX_HTTP_STATUS: Final = 599
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,7 @@ class VapiClient:
         max_connections: int = 512,
         transport: httpx.AsyncBaseTransport | None = None,
         on_malformed: Callable[[str], None] | None = None,
+        scrub: Iterable[SecretStr] = (),
     ) -> None:
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
@@ -124,6 +130,13 @@ class VapiClient:
         # Parsed once: parsing the URL was a fifth of building each call's request.
         self._chat_url = httpx.URL(f"{self._base_url}/chat")
         self._api_key = api_key
+        # The key and every other secret given (kept wrapped: no repr shows them), longest first,
+        # so that one containing another is scrubbed whole.
+        self._scrubbed = sorted(
+            (s for s in (api_key, *scrub) if s.get_secret_value()),
+            key=lambda s: len(s.get_secret_value()),
+            reverse=True,
+        )
         self._timeouts = timeouts
         self._on_malformed = on_malformed
         #: Malformed events skipped so far, over all calls.
@@ -229,6 +242,11 @@ class VapiClient:
 
     async def _check(self, response: httpx.Response) -> None:
         status = response.status_code
+        if not MIN_HTTP_STATUS <= status <= MAX_HTTP_STATUS:
+            raise VapiProtocolError(
+                f"Vapi answered HTTP status {status}, outside {MIN_HTTP_STATUS}-{MAX_HTTP_STATUS}: "
+                "not an HTTP answer (a broken proxy on the way?)"
+            )
         if not 200 <= status < 300:
             raise self._status_error(response, await _read_error_body(response))
         media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -282,8 +300,9 @@ class VapiClient:
             self._on_malformed(reason)
 
     def _scrub(self, text: str) -> str:
-        secret = self._api_key.get_secret_value()
-        return text.replace(secret, "**********") if secret else text
+        for secret in self._scrubbed:
+            text = text.replace(secret.get_secret_value(), "**********")
+        return text
 
 
 class _Watchdog:
