@@ -105,6 +105,8 @@ class Message:
     tp: TopicPartition = TP
     topic: str = TP.topic
     partition: int = TP.partition
+    #: Seconds, as Faust gives a record's timestamp.
+    timestamp: float = 1_700_000_000.0
 
 
 @dataclass
