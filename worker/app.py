@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import faust
 import structlog
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from mode.utils.objects import cached_property
@@ -388,14 +389,24 @@ class Dispatcher:
             timeout = max(0.05, deadline - time.monotonic())
             await asyncio.wait(running, timeout=timeout)
 
-    async def report_lag(self, consumer: Any) -> None:
-        """Set ``chat_worker_consumer_lag``: records of each partition not yet finished."""
+    async def report_lag(self, consumer: Any, *, rebalancing: bool = False) -> None:
+        """Set ``chat_worker_consumer_lag``: records of each partition not yet finished.
+
+        Nothing is read during a rebalance or a release (the assignment is changing), and a
+        partition revoked while it is read is skipped: aiokafka's ``highwater`` fails an assertion
+        and its ``position`` raises ``IllegalStateError`` for a partition it no longer holds.
+        """
+        if rebalancing or self._releasing:
+            return
         for tp in consumer.assignment():
             if tp.topic != self._settings.topic_requests:
                 continue
-            highwater = consumer.highwater(tp)
-            pending = self.scheduler.pending_offsets(tp)
-            position = pending if pending is not None else await consumer.position(tp)
+            try:
+                highwater = consumer.highwater(tp)
+                pending = self.scheduler.pending_offsets(tp)
+                position = pending if pending is not None else await consumer.position(tp)
+            except (AssertionError, IllegalStateError):
+                continue
             if highwater is None or highwater < 0 or position is None:
                 continue
             self._metrics.set_consumer_lag(tp.partition, highwater - position)
@@ -582,7 +593,7 @@ def build_worker(
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def report_lag() -> None:
-        await dispatcher.report_lag(app.consumer)
+        await dispatcher.report_lag(app.consumer, rebalancing=app.rebalancing)
 
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:
