@@ -76,11 +76,12 @@ class KafkaPublisher:
     #: Conversations whose delta partition is remembered; the map is dropped when it is full.
     MAX_REMEMBERED_PARTITIONS = 65_536
 
-    def __init__(self, app: faust.App, settings: Settings) -> None:
+    def __init__(self, app: faust.App, settings: Settings, changelog_topic: str) -> None:
         self._app = app
         self._deltas = settings.topic_deltas
         self._responses = settings.topic_responses
         self._dlq = settings.topic_dlq
+        self._outputs = (self._deltas, self._responses, self._dlq, changelog_topic)
         self._delta_partitions: dict[bytes, TopicPartition] = {}
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
@@ -111,12 +112,24 @@ class KafkaPublisher:
             headers=headers,
         )
         if tp is None:
+            self._track_outputs(producer)
             # After a send, so the topic's metadata is known; same partitioner, same answer.
             if len(self._delta_partitions) >= self.MAX_REMEMBERED_PARTITIONS:
                 self._delta_partitions.clear()
             partition = self._app.producer.key_partition(self._deltas, key).partition
             self._delta_partitions[key] = TopicPartition(self._deltas, partition)
         return fut
+
+    def _track_outputs(self, producer: Any) -> None:
+        """Keep every topic the worker writes to in each of the producer's metadata refreshes.
+
+        The producer refreshes metadata for all topics until one send has to look a topic up;
+        from then on only for the topics it looked up. A topic that drops out has no leader, and
+        its held batches wait for one forever: a delta sent on the fast path (which never looks
+        its topic up) would stall its request. Tracked topics never drop out.
+        """
+        for topic in self._outputs:
+            producer.client.add_topic(topic)
 
     def _aiokafka_producer(self) -> Any:
         # ``_ensure_producer`` is Faust's own accessor (faust-streaming is pinned); it raises
@@ -555,7 +568,7 @@ def build_worker(
         max_connections=settings.vapi_max_connections,
         on_malformed=lambda _reason: metrics.malformed_events_total.inc(),
     )
-    publisher = KafkaPublisher(app, settings)
+    publisher = KafkaPublisher(app, settings, table.changelog_topic.get_topic_name())
     handler = RequestHandler(
         client,
         publisher,

@@ -1,4 +1,5 @@
-"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, and the API key.
+"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, an output topic gone
+for a while, and the API key.
 
 Every run is checked by one helper, ``check_invariants``: each request has exactly one final
 response of the expected status (none lost, no duplicates), each conversation's chain of chat ids
@@ -39,6 +40,7 @@ from tests.e2e.harness import (
     OutputReader,
     SimulatorProcess,
     Topics,
+    UnwritableTopic,
     WorkerProcess,
     committed_offsets,
     produce,
@@ -782,7 +784,69 @@ async def test_sigterm_finishes_short_streams_cuts_long_ones_and_exits_zero(
         await check_invariants("sigterm", plan, reader, simulator.calls(), runs=2)
 
 
-# --- 6. the API key never leaks ---------------------------------------------------------------
+# --- 6. an output topic gone for a while -----------------------------------------------------
+
+
+async def warm_up(bootstrap: str, topics: Topics) -> None:
+    """One request answered and committed: the worker's producer now knows every output topic."""
+    placed = await produce(bootstrap, topics.requests, [request_record("w", "w-1", "Hi.")])
+    partition, offset = placed[0].partition, placed[0].offset
+    deadline = time.monotonic() + 60
+    while (await committed_offsets(bootstrap, topics.app_id, topics.requests)).get(
+        partition, 0
+    ) <= offset:
+        assert time.monotonic() < deadline, "the warm-up request was not committed within 60 s"
+        await asyncio.sleep(0.2)
+
+
+async def wait_for_log(worker: WorkerProcess, text: str, timeout_s: float) -> None:
+    await wait_until(lambda: text in worker.log_path.read_text(errors="replace"), timeout_s, text)
+
+
+async def streams_done_finals_retried(
+    worker: WorkerProcess, simulator: SimulatorProcess, request_ids: Sequence[str]
+) -> None:
+    """Wait until every request's Vapi call completed and the producer retries a final."""
+
+    def ready() -> bool:
+        calls = calls_by_request(simulator)
+        done = all(calls[r] and calls[r][0]["outcome"] == "completed" for r in request_ids)
+        retried = "UnknownTopicOrPartition" in worker.log_path.read_text(errors="replace")
+        return done and retried
+
+    await wait_until(ready, 60, "every stream completed and a final response retried")
+
+
+@pytest.mark.timeout(300)
+async def test_deltas_of_a_known_conversation_flow_after_an_output_topic_was_missing(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
+) -> None:
+    """An output topic missing for a while does not stall the deltas of conversations seen before.
+
+    A send that has to look a topic up makes the producer track that topic alone: from then on
+    its metadata holds only the topics looked up so. A delta partition remembered from before
+    must still be delivered: the next turn of that conversation is answered.
+    """
+    worker = await workers.start_ready("worker")
+    await warm_up(kafka_bootstrap, topics)  # conversation "w": its delta partition is remembered
+    responses = UnwritableTopic(kafka_bootstrap, topics.responses)
+    await responses.break_it()
+    plan = Plan()
+    x, y, w = plan.add("x", 1, "Hi."), plan.add("y", 1, "Hi."), plan.add("w", 2, "Again.")
+    await plan.send(kafka_bootstrap, topics.requests, [x])
+    # x's final response is held and retried; the producer's metadata loses the topic.
+    await streams_done_finals_retried(worker, simulator, [x])
+    await plan.send(kafka_bootstrap, topics.requests, [y])
+    await wait_for_log(worker, "not found in cluster metadata", 30)  # y's final looks it up
+    await responses.fix_it()
+    async with OutputReader(kafka_bootstrap, topics) as reader:
+        await reader.wait_for_responses([x, y], 60)
+        await plan.send(kafka_bootstrap, topics.requests, [w])
+        await wait_all_answered(reader, plan, 30)
+        assert reader.outputs.deltas_of(w)
+
+
+# --- 7. the API key never leaks ---------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
