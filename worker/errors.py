@@ -3,6 +3,7 @@
     WorkerError
     ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
     ├── ConfigError                settings that cannot work together (exit with a message)
+    ├── ProducerClosedError        Kafka did not take the outputs of a release in time (stop)
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
@@ -41,6 +42,15 @@ class ConfigError(WorkerError):
     """The settings cannot work; the CLI prints this and exits non-zero."""
 
     code = "config_error"
+
+
+class ProducerClosedError(WorkerError):
+    """A release dropped the outputs Kafka had not taken in time: the producer sends no more.
+
+    Raised on a rebalance, where Faust crashes the app on it; the process exits for a restart.
+    """
+
+    code = "producer_closed"
 
 
 class VapiError(WorkerError):

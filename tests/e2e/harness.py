@@ -257,7 +257,9 @@ class UnwritableTopic:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
             await admin.start()
             try:
-                await admin.create_partitions({self.topic: NewPartitions(self.partitions)})
+                (described,) = await admin.describe_topics([self.topic])
+                if len(described["partitions"]) < self.partitions:
+                    await admin.create_partitions({self.topic: NewPartitions(self.partitions)})
             finally:
                 await admin.close()
 
