@@ -194,6 +194,20 @@ async def create_topics(
         await admin.close()
 
 
+async def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    """Delete the topics; raise on any broker error (an unknown topic included)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        response = await admin.delete_topics(list(names))
+        for topic, error_code, *rest in response.topic_error_codes:
+            if error_code:
+                message = rest[0] if rest else ""
+                raise for_code(error_code)(f"deleting topic {topic!r}: {message}")
+    finally:
+        await admin.close()
+
+
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

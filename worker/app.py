@@ -23,7 +23,9 @@ from typing import Any, cast
 
 import faust
 import structlog
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
+from faust.exceptions import NotReady
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -31,8 +33,9 @@ from pydantic import SecretStr
 
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
-from worker.errors import InvalidRequestError
+from worker.errors import InvalidRequestError, ProducerClosedError
 from worker.failures import stops_the_worker
+from worker.held_records import drop_held_records, flush_within
 from worker.limits import fit_dead_letter
 from worker.messages import (
     ChatDelta,
@@ -52,6 +55,14 @@ from worker.vapi.client import VapiClient, VapiTimeouts
 log = structlog.get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+#: The log line of a release that cut final steps off or dropped the producer's records.
+FINAL_STEPS_CUT_OFF = "final steps cut off at the finish timeout, their records left for redelivery"
+#: The error of sends on the producer after its records were dropped, and of the crash it causes.
+PRODUCER_CLOSED = (
+    "Kafka did not take the worker's outputs within WORKER_FINISH_TIMEOUT_S after the grace "
+    "period; the producer dropped them and is closed, the worker stops"
+)
 
 
 class IdempotentProducer(AIOKafkaProducer):
@@ -164,6 +175,18 @@ class KafkaPublisher:
         )
         # Faust flushes before committing but never surfaces a failed send: await this one.
         await fut
+
+    async def flush_within(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the broker's answer to every record the producer holds."""
+        try:
+            producer = self._aiokafka_producer()
+        except NotReady:
+            return True  # a producer that never started holds nothing
+        return await flush_within(producer, timeout_s)
+
+    async def drop_held_records(self, reason: str) -> dict[str, int]:
+        """Drop what the producer holds, so none of it is ever sent; returns the count by topic."""
+        return await drop_held_records(self._aiokafka_producer(), reason)
 
     async def send_dead_letter(self, event: Any, error: InvalidRequestError) -> None:
         self._track_written_topics(self._aiokafka_producer())
@@ -426,26 +449,54 @@ class Dispatcher:
         self._metrics.buffered.set(self.scheduler.buffered)
         self._capacity.set()
 
-    async def release(self, consumer: Any, grace_s: float) -> None:
+    async def release(self, consumer: Any, grace_s: float) -> bool:
         """Let go of every taken record before Faust's drain: on shutdown and on rebalance.
 
         Requests that have not started are dropped at once; running ones get ``grace_s`` to
         finish (and are acked as usual), then are cancelled, which closes their HTTP streams.
+        Those already in their final step (response, then table write) get up to
+        ``WORKER_FINISH_TIMEOUT_S`` more, then are cancelled too. The producer then gets the rest
+        of that time to deliver what it holds; what it still holds is dropped
+        (``worker.held_records``), so nothing of a released request can land once its partition
+        has moved on. The release so ends within ``grace_s`` + ``WORKER_FINISH_TIMEOUT_S``
+        (and ``held_records.SENDER_STOP_S``).
+
         Nothing unfinished is acked, so nothing unfinished is committed: the partition's next
         owner (this worker again, after a rebalance) gets those records from the committed
         offset. Faust's drain waits for every taken, unacked record (``stream_wait_empty``);
         dropping our hold on them is what lets it end within the grace period.
+
+        Returns False when the producer's records were dropped: it can send nothing more, so
+        the worker has to stop.
         """
         self._releasing = True
         self._consumer = consumer
         self._capacity.set()
         try:
-            await self._let_running_finish(grace_s)
-            for job in list(self._jobs.values()):
-                if job.task is not None and not job.task.done():
-                    job.task.cancel()
+            grace_end = time.monotonic() + grace_s
+            finish_end = grace_end + self._settings.worker_finish_timeout_s
+            await self._let_running_finish(grace_end, finishing_only=False)
+            self._cancel_running(finishing=False)
+            await self._let_running_finish(finish_end, finishing_only=True)
+            cut = [
+                job.request.request_id
+                for job in self._cancel_running(finishing=True)
+                if job.request
+            ]
             tasks = [job.task for job in self._jobs.values() if job.task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
+            delivered = await self._publisher.flush_within(finish_end - time.monotonic())
+            dropped = {} if delivered else await self._publisher.drop_held_records(PRODUCER_CLOSED)
+            if cut or not delivered:
+                log.error(
+                    FINAL_STEPS_CUT_OFF,
+                    final_steps=len(cut),
+                    request_ids=cut[:20],
+                    records_dropped=sum(dropped.values()),
+                    dropped_by_topic=dropped,
+                    producer_closed=not delivered,
+                    finish_timeout_s=self._settings.worker_finish_timeout_s,
+                )
             # Every partition taken from since the last release, also those with nothing pending:
             # their next records may start below the last offset seen (after a failed commit).
             self.scheduler.revoke({tp for tp, _ in self._jobs} | set(self._last_taken))
@@ -458,31 +509,54 @@ class Dispatcher:
             self._metrics.buffered.set(self.scheduler.buffered)
         finally:
             self._releasing = False
+        return delivered
 
-    async def _let_running_finish(self, grace_s: float) -> None:
-        deadline = time.monotonic() + grace_s
+    async def _let_running_finish(self, until: float, *, finishing_only: bool) -> None:
+        """Wait until the started requests (or only those in their final step) end, or ``until``."""
         while True:
+            remaining = until - time.monotonic()
             running = [
                 job.task
                 for job in self._jobs.values()
                 if job.task is not None
                 and not job.task.done()
                 and job.go.is_set()
-                and (job.finishing or time.monotonic() < deadline)
+                and (job.finishing or not finishing_only)
             ]
-            if not running:
+            if not running or remaining <= 0:
                 return
-            timeout = max(0.05, deadline - time.monotonic())
-            await asyncio.wait(running, timeout=timeout)
+            await asyncio.wait(running, timeout=remaining)
 
-    async def report_lag(self, consumer: Any) -> None:
-        """Set ``chat_worker_consumer_lag``: records of each partition not yet finished."""
+    def _cancel_running(self, *, finishing: bool) -> list[Job]:
+        """Cancel the unfinished jobs in their final step (or those not in it); returns them."""
+        cancelled = [
+            job
+            for job in self._jobs.values()
+            if job.task is not None and not job.task.done() and job.finishing == finishing
+        ]
+        for job in cancelled:
+            assert job.task is not None
+            job.task.cancel()
+        return cancelled
+
+    async def report_lag(self, consumer: Any, *, rebalancing: bool = False) -> None:
+        """Set ``chat_worker_consumer_lag``: records of each partition not yet finished.
+
+        Nothing is read during a rebalance or a release (the assignment is changing), and a
+        partition revoked while it is read is skipped: aiokafka's ``highwater`` fails an assertion
+        and its ``position`` raises ``IllegalStateError`` for a partition it no longer holds.
+        """
+        if rebalancing or self._releasing:
+            return
         for tp in consumer.assignment():
             if tp.topic != self._settings.topic_requests:
                 continue
-            highwater = consumer.highwater(tp)
-            pending = self.scheduler.pending_offsets(tp)
-            position = pending if pending is not None else await consumer.position(tp)
+            try:
+                highwater = consumer.highwater(tp)
+                pending = self.scheduler.pending_offsets(tp)
+                position = pending if pending is not None else await consumer.position(tp)
+            except (AssertionError, IllegalStateError):
+                continue
             if highwater is None or highwater < 0 or position is None:
                 continue
             self._metrics.set_consumer_lag(tp.partition, highwater - position)
@@ -554,10 +628,15 @@ class WorkerApp(faust.App):
         return SteadyFlowControl(loop=self.loop)
 
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        delivered = True
+        stopping = bool(self.should_stop)
         if self.dispatcher is not None:
-            grace = self.shutdown_grace_s if self.should_stop else self.rebalance_grace_s
-            await self.dispatcher.release(consumer, grace)
+            grace = self.shutdown_grace_s if stopping else self.rebalance_grace_s
+            delivered = await self.dispatcher.release(consumer, grace)
         await super()._consumer_wait_empty(consumer, logger)
+        if not delivered and not stopping:
+            # A rebalance: Faust crashes the app on this, and the process exits for a restart.
+            raise ProducerClosedError(PRODUCER_CLOSED)
 
 
 @dataclass
@@ -681,7 +760,7 @@ def build_worker(
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def report_lag() -> None:
-        await dispatcher.report_lag(app.consumer)
+        await dispatcher.report_lag(app.consumer, rebalancing=app.rebalancing)
 
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:

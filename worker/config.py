@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     worker_completed_ids_kept: int = Field(default=64, ge=1)
     worker_shutdown_grace_s: float = Field(default=25.0, gt=0)
     worker_rebalance_grace_s: float = Field(default=3.0, ge=0)
+    worker_finish_timeout_s: float = Field(default=5.0, gt=0)
 
     # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)

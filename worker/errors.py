@@ -5,6 +5,7 @@
     ├── ConfigError                settings that cannot work together (exit with a message)
     ├── ReplyTooLargeError         Vapi's reply outgrew MAX_REPLY_CHARS or a response record
     ├── InternalError              anything unplanned in one request's path, a bug included
+    ├── ProducerClosedError        Kafka did not take the outputs of a release in time (stop)
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
@@ -57,6 +58,15 @@ class InternalError(WorkerError):
     """An exception nobody planned for ended one request (``worker.failures`` says which)."""
 
     code = "internal_error"
+
+
+class ProducerClosedError(WorkerError):
+    """A release dropped the outputs Kafka had not taken in time: the producer sends no more.
+
+    Raised on a rebalance, where Faust crashes the app on it; the process exits for a restart.
+    """
+
+    code = "producer_closed"
 
 
 class VapiError(WorkerError):

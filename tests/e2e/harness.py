@@ -23,9 +23,11 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import RecordMetadata
 
+from tests.kafka_fixture import create_topics, delete_topics
 from worker.console import assign_all, topic_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,6 +222,60 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+class UnwritableTopic:
+    """A topic deleted under a running worker, so that every write to it is retried for good.
+
+    In its place stands a topic whose name collides with it (Kafka treats ``.`` and ``_`` alike),
+    so the broker cannot create it again when a client asks for it (auto-creation is on). A
+    producer that knew the topic keeps its records and retries them (UnknownTopicOrPartition is
+    retriable, and an idempotent producer never expires a batch); one that did not waits for the
+    topic's metadata. No client may read the topic while it is gone: a metadata request between
+    the deletion and the stand-in would create it again.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int = 4) -> None:
+        self.bootstrap, self.topic, self.partitions = bootstrap, topic, partitions
+        self.stand_in = topic.replace("_", ".")
+        assert self.stand_in != topic, "the topic name needs a '_' to collide with"
+
+    async def break_it(self) -> None:
+        await delete_topics(self.bootstrap, [self.topic])
+        await self._create(self.stand_in, 1)
+
+    async def fix_it(self) -> None:
+        """The topic again, empty, with its partitions.
+
+        A client waiting for it may create it first (with the broker's one partition): then it
+        gets the rest.
+        """
+        await delete_topics(self.bootstrap, [self.stand_in])
+        try:
+            await self._create(self.topic, self.partitions)
+        except TopicAlreadyExistsError:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+            await admin.start()
+            try:
+                (described,) = await admin.describe_topics([self.topic])
+                if len(described["partitions"]) < self.partitions:
+                    await admin.create_partitions({self.topic: NewPartitions(self.partitions)})
+            finally:
+                await admin.close()
+
+    async def _create(self, name: str, partitions: int) -> None:
+        # A deletion takes a moment: until it is done, the new name still collides.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await create_topics(self.bootstrap, [name], partitions)
+                return
+            except TopicAlreadyExistsError:
+                raise
+            except KafkaError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
 
 async def produce(

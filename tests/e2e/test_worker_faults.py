@@ -1,4 +1,5 @@
-"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, and the secrets.
+"""Worker and Kafka faults: SIGKILL, rebalances, a broker restart, SIGTERM, outputs Kafka will
+not take, and the secrets.
 
 Every run is checked by one helper, ``check_invariants``: each request has exactly one final
 response of the expected status (none lost, no duplicates), each conversation's chain of chat ids
@@ -40,6 +41,7 @@ from tests.e2e.harness import (
     OutputReader,
     SimulatorProcess,
     Topics,
+    UnwritableTopic,
     WorkerProcess,
     committed_offsets,
     produce,
@@ -922,7 +924,191 @@ async def test_sigterm_finishes_short_streams_cuts_long_ones_and_exits_zero(
         await check_invariants("sigterm", plan, reader, simulator.calls(), runs=2)
 
 
-# --- 6. no secret leaks ------------------------------------------------------------------------
+# --- 6. outputs Kafka will not take ----------------------------------------------------------
+
+#: Time a worker may take, after its bound, to commit, leave the group and exit.
+EXIT_MARGIN_S = 15.0
+#: The worker's log line when it cut final steps off (with their count and the records dropped).
+FINAL_STEPS_CUT_OFF = "final steps cut off at the finish timeout, their records left for redelivery"
+
+
+async def warm_up(bootstrap: str, topics: Topics, partitions: int = 4) -> None:
+    """One request per request partition answered and committed (conversation ``w<partition>``).
+
+    The worker's producer then knows every output topic, and every partition has a committed
+    offset, so what follows exercises the final step alone.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        placed = []
+        for partition in range(partitions):
+            key, value = request_record(f"w{partition}", f"w{partition}-1", "Hi.")
+            sent = await producer.send(topics.requests, value, key=key, partition=partition)
+            placed.append(await sent)
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 60
+    while True:
+        committed = await committed_offsets(bootstrap, topics.app_id, topics.requests)
+        if all(committed.get(meta.partition, 0) > meta.offset for meta in placed):
+            return
+        assert time.monotonic() < deadline, (
+            f"warm-up requests not committed within 60 s: {committed}"
+        )
+        await asyncio.sleep(0.2)
+
+
+async def wait_for_exit(worker: WorkerProcess, timeout_s: float, after: str) -> int:
+    """The worker's exit code; fail if it is still running ``timeout_s`` after ``after``."""
+    assert worker.proc is not None
+    try:
+        return await asyncio.to_thread(worker.proc.wait, timeout_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"worker still running {timeout_s} s after {after}:\n{worker.log_tail()}")
+
+
+async def wait_for_log(worker: WorkerProcess, text: str, timeout_s: float) -> None:
+    await wait_until(lambda: text in worker.log_path.read_text(errors="replace"), timeout_s, text)
+
+
+def cut_off_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
+    """The worker's log lines about final steps it cut off."""
+    return [r for r in worker.log_records() if r.get("event") == FINAL_STEPS_CUT_OFF]
+
+
+async def streams_done_finals_retried(
+    worker: WorkerProcess, simulator: SimulatorProcess, request_ids: Sequence[str]
+) -> None:
+    """Wait until every request's Vapi call completed and the producer retries a final."""
+
+    def ready() -> bool:
+        calls = calls_by_request(simulator)
+        done = all(calls[r] and calls[r][0]["outcome"] == "completed" for r in request_ids)
+        retried = "UnknownTopicOrPartition" in worker.log_path.read_text(errors="replace")
+        return done and retried
+
+    await wait_until(ready, 60, "every stream completed and a final response retried")
+
+
+@pytest.mark.timeout(300)
+async def test_sigterm_cuts_off_final_responses_kafka_will_not_take_within_the_bound(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
+) -> None:
+    """SIGTERM while every final response hangs: the worker exits within its bound, acks none.
+
+    The bound is WORKER_SHUTDOWN_GRACE_S + WORKER_FINISH_TIMEOUT_S (and the commit). Its producer
+    drops what it held, so the next worker answers every request, each once.
+    """
+    grace, finish = 2.0, 2.0
+    env = {"WORKER_SHUTDOWN_GRACE_S": str(grace), "WORKER_FINISH_TIMEOUT_S": str(finish)}
+    stuck = await workers.start_ready("stuck", **env)
+    await warm_up(kafka_bootstrap, topics)
+    responses = UnwritableTopic(kafka_bootstrap, topics.responses)
+    await responses.break_it()
+    plan = Plan()
+    for c in range(4):
+        plan.add(f"f{c}", 1, paced("Answered, never delivered.", 4, 20))
+    await plan.send(kafka_bootstrap, topics.requests)
+    await streams_done_finals_retried(stuck, simulator, plan.request_ids)
+    assert stuck.proc is not None
+    stuck.proc.send_signal(signal.SIGTERM)
+    exit_code = await wait_for_exit(stuck, grace + finish + EXIT_MARGIN_S, "SIGTERM")
+    assert exit_code == 0, stuck.log_tail()
+    (line,) = cut_off_lines(stuck)
+    assert line["final_steps"] == 4, line
+    assert line["records_dropped"] >= 1, line  # the first final; later ones wait for metadata
+    committed = await committed_offsets(kafka_bootstrap, topics.app_id, topics.requests)
+    for rid, (partition, offset) in plan.placed.items():
+        assert committed.get(partition, 0) <= offset, (rid, plan.placed[rid], committed)
+
+    await responses.fix_it()
+    async with OutputReader(kafka_bootstrap, topics) as reader:
+        await workers.start_ready("next", **env)
+        await wait_all_answered(reader, plan, 60)
+        await asyncio.sleep(2)
+        await check_invariants("final-step-sigterm", plan, reader, simulator.calls(), runs=2)
+
+
+@pytest.mark.timeout(300)
+async def test_a_rebalance_cuts_off_final_responses_kafka_will_not_take_and_none_lands_later(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
+) -> None:
+    """A worker joins while the owner's final responses hang: the owner lets go in time.
+
+    Within WORKER_REBALANCE_GRACE_S + WORKER_FINISH_TIMEOUT_S the owner cuts the final steps off,
+    drops what its producer holds and stops (non-zero, for a restart), long before the group
+    would evict it. Once the topic is back, the joiner answers each request once (nothing of the
+    owner lands late), and the next turns continue from the joiner's answers.
+    """
+    grace, finish = 0.5, 2.0
+    env = {"WORKER_REBALANCE_GRACE_S": str(grace), "WORKER_FINISH_TIMEOUT_S": str(finish)}
+    owner = await workers.start_ready("owner", **env)
+    await warm_up(kafka_bootstrap, topics)
+    responses = UnwritableTopic(kafka_bootstrap, topics.responses)
+    await responses.break_it()
+    plan = Plan()
+    for c in range(4):
+        for turn in (1, 2):
+            plan.add(f"g{c}", turn, paced(f"Turn {turn}.", 4, 20))
+    first_turns = [f"g{c}-1" for c in range(4)]
+    await plan.send(kafka_bootstrap, topics.requests, first_turns)
+    await streams_done_finals_retried(owner, simulator, first_turns)
+    # The owner rejoins once more before it leaves: the joiner may get partitions while the topic
+    # is still gone. Its bound outlasts that.
+    joiner = workers.start("joiner", **{**env, "WORKER_FINISH_TIMEOUT_S": "30"})
+    bound = grace + finish + EXIT_MARGIN_S
+    try:
+        await wait_until(lambda: bool(cut_off_lines(owner)), bound, "the owner letting go")
+    except AssertionError:
+        assert owner.proc is not None
+        state = "still running" if owner.proc.poll() is None else "exited"
+        pytest.fail(f"owner ({state}) still holds its requests {bound} s after a worker joined")
+    await responses.fix_it()
+    exit_code = await wait_for_exit(owner, EXIT_MARGIN_S, "cutting its final steps off")
+    assert exit_code != 0, owner.log_tail()
+    (line,) = cut_off_lines(owner)
+    assert line["final_steps"] == 4, line
+    assert line["records_dropped"] >= 1, line
+
+    async with OutputReader(kafka_bootstrap, topics) as reader:
+        await asyncio.to_thread(joiner.wait_ready, 120)
+        await plan.send(kafka_bootstrap, topics.requests, [f"g{c}-2" for c in range(4)])
+        await wait_all_answered(reader, plan, 60)
+        await asyncio.sleep(2)
+        await check_invariants("final-step-rebalance", plan, reader, simulator.calls(), runs=2)
+
+
+@pytest.mark.timeout(300)
+async def test_deltas_of_a_known_conversation_flow_after_an_output_topic_was_missing(
+    kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
+) -> None:
+    """An output topic missing for a while does not stall the deltas of conversations seen before.
+
+    A send that has to look a topic up makes the producer track that topic alone: from then on
+    its metadata holds only the topics looked up so. A delta partition remembered from before
+    must still be delivered: the next turn of that conversation is answered.
+    """
+    worker = await workers.start_ready("worker")
+    await warm_up(kafka_bootstrap, topics)  # conversation "w0": its delta partition is remembered
+    responses = UnwritableTopic(kafka_bootstrap, topics.responses)
+    await responses.break_it()
+    plan = Plan()
+    x, y, w = plan.add("x", 1, "Hi."), plan.add("y", 1, "Hi."), plan.add("w0", 2, "Again.")
+    await plan.send(kafka_bootstrap, topics.requests, [x])
+    # x's final response is held and retried; the producer's metadata loses the topic.
+    await streams_done_finals_retried(worker, simulator, [x])
+    await plan.send(kafka_bootstrap, topics.requests, [y])
+    await wait_for_log(worker, "not found in cluster metadata", 30)  # y's final looks it up
+    await responses.fix_it()
+    async with OutputReader(kafka_bootstrap, topics) as reader:
+        await reader.wait_for_responses([x, y], 60)
+        await plan.send(kafka_bootstrap, topics.requests, [w])
+        await wait_all_answered(reader, plan, 30)
+        assert reader.outputs.deltas_of(w)
+
+
+# --- 7. no secret leaks ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)

@@ -112,7 +112,8 @@ KEDA_CRDS = {
     / "triggerauthentication.schema.yaml",
 }
 
-#: Minimum seconds between the worker's drain (WORKER_SHUTDOWN_GRACE_S) and the SIGKILL.
+#: Minimum seconds between the end of the worker's drain (WORKER_SHUTDOWN_GRACE_S, then at most
+#: WORKER_FINISH_TIMEOUT_S for final steps under way) and the SIGKILL.
 SHUTDOWN_MARGIN_S = 10
 
 APT_HINT = "apt-get install -y --no-install-recommends prometheus"
@@ -407,9 +408,10 @@ def final_stage() -> list[tuple[str, str]]:
     return instructions[last_from:]
 
 
-def grace_s() -> float:
-    """WORKER_SHUTDOWN_GRACE_S as the ConfigMap sets it."""
-    return float(config_map()["WORKER_SHUTDOWN_GRACE_S"])
+def drain_s(env: dict[str, Any]) -> float:
+    """The longest drain on SIGTERM with these settings: grace period, then finish timeout."""
+    settings = parse_settings({**env, "VAPI_API_KEY": "stand-in"})
+    return settings.worker_shutdown_grace_s + settings.worker_finish_timeout_s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,6 +569,7 @@ def test_k8s_sets_what_the_worker_needs() -> None:
         "TOPIC_PARTITIONS",
         "WORKER_HTTP_PORT",
         "WORKER_SHUTDOWN_GRACE_S",
+        "WORKER_FINISH_TIMEOUT_S",
         "LOG_FORMAT",
     }
     assert required <= set(config_map())
@@ -621,9 +624,9 @@ def test_configmap_values_parse_as_settings() -> None:
 
 
 def test_grace_period_covers_the_shutdown_drain() -> None:
-    """terminationGracePeriodSeconds ≥ WORKER_SHUTDOWN_GRACE_S + margin, so the drain is not cut."""
+    """terminationGracePeriodSeconds ≥ shutdown grace + finish timeout + margin: no drain is cut."""
     pod = pod_spec()
-    assert pod["terminationGracePeriodSeconds"] >= grace_s() + SHUTDOWN_MARGIN_S
+    assert pod["terminationGracePeriodSeconds"] >= drain_s(config_map()) + SHUTDOWN_MARGIN_S
 
 
 def test_probes_hit_the_ops_port() -> None:
@@ -826,8 +829,8 @@ def test_compose_topics_match_the_worker_settings() -> None:
 def test_compose_stop_grace_covers_the_shutdown_drain() -> None:
     """Compose waits as long as Kubernetes does before killing a worker."""
     for service in compose_workers().values():
-        grace = float(service["environment"]["WORKER_SHUTDOWN_GRACE_S"])
-        assert float(service["stop_grace_period"].removesuffix("s")) >= grace + SHUTDOWN_MARGIN_S
+        drain = drain_s(service["environment"])
+        assert float(service["stop_grace_period"].removesuffix("s")) >= drain + SHUTDOWN_MARGIN_S
 
 
 def test_compose_publishes_ports_on_the_loopback_interface_only() -> None:
