@@ -38,6 +38,7 @@ from worker.messages import (
     ChatDelta,
     ChatRequest,
     ChatResponse,
+    Headers,
     dead_letter_headers,
     decode_request,
 )
@@ -50,8 +51,6 @@ from worker.topics import STATE_TABLE
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
-
-Headers = Sequence[tuple[str, bytes]]
 
 
 class IdempotentProducer(AIOKafkaProducer):

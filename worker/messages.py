@@ -19,7 +19,7 @@ with ``unknown_schema``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, get_args
 
 import pydantic_core
@@ -66,6 +66,11 @@ TRACE_HEADER_NAMES: Final[frozenset[str]] = frozenset(
 )
 TRACE_HEADER_PREFIXES: Final[tuple[str, ...]] = ("x-b3-",)
 DLQ_HEADER_PREFIX: Final = "dlq-"
+
+#: Kafka record headers as the worker writes them on its outputs: (name, value) pairs.
+Headers = Sequence[tuple[str, bytes]]
+#: Kafka record headers as a record may carry them: a value can be null.
+RecordHeaders = Sequence[tuple[str, bytes | None]]
 
 _CONTENT_TYPE_HEADER: Final = ("content-type", b"application/json")
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +36,7 @@ from worker.messages import (
     ChatRequest,
     ChatResponse,
     ErrorInfo,
+    Headers,
     Timings,
     output_headers,
 )
@@ -49,8 +50,6 @@ log = structlog.get_logger(__name__)
 #: Deltas added to ``chat_worker_deltas_total`` at once (and at the end of every attempt): the
 #: counter takes a lock per call, once per delta was a few percent of the worker's CPU.
 DELTA_COUNT_BATCH = 32
-
-Headers = Sequence[tuple[str, bytes]]
 
 
 class ChatStreamer(Protocol):
