@@ -124,11 +124,6 @@ def dlq_reason(reason: str) -> str:
     return reason if reason in DLQ_REASONS else "other"
 
 
-def vapi_status(status: int | None) -> str:
-    """The ``status`` label value for a Vapi HTTP status, or ``"error"`` when none came back."""
-    return "error" if status is None else str(status)
-
-
 class WorkerMetrics:
     """Every metric the worker exports, registered on ``registry``."""
 
@@ -238,10 +233,6 @@ class WorkerMetrics:
     def count_dead_letter(self, reason: str) -> None:
         """Count one record sent to the DLQ, with its reason code bounded by ``dlq_reason``."""
         self.dlq_total.labels(reason=dlq_reason(reason)).inc()
-
-    def count_vapi_response(self, status: int | None) -> None:
-        """Count one Vapi response by HTTP status, or a call that got no response."""
-        self.vapi_responses_total.labels(status=vapi_status(status)).inc()
 
     def set_consumer_lag(self, partition: int, lag: int) -> None:
         """Set the lag of one assigned request partition (never below 0)."""

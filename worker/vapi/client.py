@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, cast
+from typing import Final, Self, cast
 
 import httpx
 import pydantic_core
@@ -68,9 +68,6 @@ from worker.retry import parse_retry_after
 from worker.vapi.events import MalformedEvent, StreamDelta, StreamDone, parse_event
 from worker.vapi.sse import SSEStreamDecoder
 from worker.vapi.transport import AiohttpTransport
-
-if TYPE_CHECKING:
-    from worker.config import Settings
 
 __all__ = ["VapiClient", "VapiTimeouts"]
 
@@ -97,16 +94,6 @@ class VapiTimeouts:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"Vapi timeout {name} must be a positive number, got {value!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VapiTimeouts:
-        """The timeouts configured by ``VAPI_*_TIMEOUT_S``."""
-        return cls(
-            connect_s=settings.vapi_connect_timeout_s,
-            first_delta_s=settings.vapi_first_delta_timeout_s,
-            stall_s=settings.vapi_stall_timeout_s,
-            request_s=settings.vapi_request_timeout_s,
-        )
 
 
 class VapiClient:
