@@ -114,7 +114,7 @@ class VapiClient:
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"Vapi base URL must be http(s)://host[:port][/path], got {url}")
         self._base_url = str(url).rstrip("/")
-        # Parsed once: parsing the URL was a fifth of building each call's request.
+        # Parsed once, not per call: the URL never changes.
         self._chat_url = httpx.URL(f"{self._base_url}/chat")
         self._api_key = api_key
         # The key and every other secret given (kept wrapped: no repr shows them), longest first,
@@ -145,11 +145,10 @@ class VapiClient:
             connect=timeouts.connect_s, read=None, write=None, pool=None
         ).as_dict()
         # Requests go to the transport directly, without an ``httpx.AsyncClient`` around it:
-        # the client's per-call work (its cookie jar, URL merging, the auth and redirect flows)
-        # was 400 of the 950 us of CPU a call cost, and none of it applies here: one fixed URL,
-        # no cookies, no redirects followed, the key in a default header. aiohttp moves the
-        # bytes (worker.vapi.transport: a quarter of the CPU per delta of httpx's own
-        # transport); the pool limit lives in the transport.
+        # none of the client's per-call work (its cookie jar, URL merging, the auth and redirect
+        # flows) applies to one fixed URL with no cookies, no redirects followed and the key in a
+        # default header, and it is a large share of a call's CPU (``bench/README.md``). aiohttp
+        # moves the bytes (``worker.vapi.transport``); the pool limit lives in the transport.
         self._transport = transport or AiohttpTransport(max_connections=max_connections)
 
     def __repr__(self) -> str:
