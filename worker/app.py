@@ -2,7 +2,7 @@
 
 Why one dispatcher agent with manual acks and not ``@app.agent(concurrency=N)``: Faust's actors
 share one queue, so neither per-conversation order nor "never commit past an unfinished request"
-holds (design.md section 8). Here the agent only takes records; ``KeyOrderedScheduler`` decides
+holds (docs/design.md §10.1). Here the agent only takes records; ``KeyOrderedScheduler`` decides
 which may run, and acks go back to Faust strictly in offset order per partition, only for the
 leading run of finished records, so Faust's commit can never pass a request still in flight.
 

@@ -1,8 +1,8 @@
 """The worker's Prometheus metrics, created against a registry passed in (never the global one).
 
-Names are a contract (design.md §6): dashboards, alert rules and the HPA read them. Every label
-has a bounded set of values; the sets below are pre-initialised so that each series shows as 0
-from the first scrape, and ``rate()`` sees the first increment.
+Names are a contract (docs/design.md §12): dashboards, alert rules and the HPA read them. Every
+label has a bounded set of values; the sets below are pre-initialised so that each series shows
+as 0 from the first scrape, and ``rate()`` sees the first increment.
 
     chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
     chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
@@ -17,7 +17,8 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_retries_total{reason}            see RETRY_REASONS
     chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
     chat_worker_malformed_events_total           SSE events that could not be decoded
-    chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
+    chat_worker_consumer_lag{partition}          high watermark - lowest unfinished offset, per
+                                                 partition (the position when none is pending)
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
     chat_worker_broker_reachable                 1 when the last broker metadata request succeeded
     chat_worker_vapi_backoff_seconds             seconds left of the worker-wide pause after a 429

@@ -3,7 +3,7 @@
 The handler knows nothing of Faust or httpx: its collaborators (the Vapi stream, the publisher,
 the retry policy, the clocks, the metrics) are passed in, so tests can hand it the real simulator
 client and a real Kafka publisher, or fakes. ``app.py`` decides *when* a request runs (ordering,
-duplicates, state); this module decides *what* running it means (design.md sections 1 and 3).
+duplicates, state); this module decides *what* running it means (docs/design.md §4.3 and §6).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from worker.metrics import (
 
 pytestmark = pytest.mark.unit
 
-#: design.md §6 plus the extras this module adds; dashboards and alerts depend on these names.
+#: docs/design.md §12 plus the extras this module adds; dashboards and alerts depend on these names.
 CONTRACT = {
     "chat_worker_requests": "counter",
     "chat_worker_internal_errors": "counter",

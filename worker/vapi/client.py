@@ -82,7 +82,7 @@ MAX_HTTP_STATUS: Final = 599
 
 @dataclass(frozen=True, slots=True)
 class VapiTimeouts:
-    """The four deadlines of one call, in seconds (design.md §3)."""
+    """The four deadlines of one call, in seconds (docs/design.md §6)."""
 
     connect_s: float
     first_delta_s: float
