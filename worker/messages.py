@@ -150,8 +150,10 @@ class ChatRequest(BaseModel):
 class ChatDelta(BaseModel):
     """One fragment of reply text, published as it arrives (``chat.delta.v1``).
 
-    ``(request_id, attempt, seq)`` identifies it: consumers drop duplicates by that triple, and a
-    new ``attempt`` (seq from 0 again) means the stream restarted; earlier attempts' text is void.
+    Consumers drop duplicates by ``(request_id, attempt, chat_id, seq)``. One stream is one
+    ``(request_id, attempt, chat_id)``: a new ``attempt`` (a retry, seq from 0 again) or a new
+    ``chat_id`` (the request run again after a crash or rebalance, attempts from 1 again) means
+    the stream restarted, and the earlier stream's text is void (docs/design.md §2.2).
     """
 
     model_config = _MODEL_CONFIG
@@ -204,7 +206,7 @@ class ChatResponse(BaseModel):
     status: Literal["completed", "failed"]
     text: str
     delta_count: Annotated[int, Field(ge=0)]
-    # 0 when the request failed before Vapi was called (e.g. an assistant that is not allowed).
+    # 0 when the request failed before Vapi was called (a 429 pause past its deadline, a bug).
     attempts: Annotated[int, Field(ge=0)]
     context_reset: bool
     error: ErrorInfo | None
