@@ -68,7 +68,7 @@ class IdempotentProducer(AIOKafkaProducer):
 def _transactional(producer: Any) -> bool:
     # aiokafka's ``send`` refuses records outside a transaction on a transactional producer;
     # the direct path must not skip that check (this worker's producer is idempotent only).
-    txn = producer._txn_manager
+    txn = producer._txn_manager  # noqa: SLF001  aiokafka has no public "is transactional"
     return txn is not None and txn.transactional_id is not None
 
 
@@ -122,8 +122,12 @@ class KafkaPublisher:
             # (``worker.limits.MAX_DELTA_TEXT_BYTES``), so a delta record is never near a limit.
             return cast(
                 Awaitable[object],
-                await producer._message_accumulator.add_message(
-                    tp, key, delta.encode(), producer._request_timeout_ms / 1000, headers=headers
+                await producer._message_accumulator.add_message(  # noqa: SLF001  into the batch: docs/design.md §10.4
+                    tp,
+                    key,
+                    delta.encode(),
+                    producer._request_timeout_ms / 1000,  # noqa: SLF001  send's own timeout
+                    headers=headers,
                 ),
             )
         # Only reached before the fast path above: its batches need the topic tracked.
@@ -149,7 +153,7 @@ class KafkaPublisher:
     def _aiokafka_producer(self) -> Any:
         # ``_ensure_producer`` is Faust's own accessor (faust-streaming is pinned); it raises
         # NotReady before the producer has started.
-        return cast(Any, self._app.producer)._ensure_producer()
+        return cast(Any, self._app.producer)._ensure_producer()  # noqa: SLF001  no public getter
 
     async def send_response(self, response: ChatResponse, headers: Headers) -> None:
         self._track_written_topics(self._aiokafka_producer())
@@ -490,7 +494,7 @@ class Dispatcher:
         # Faust's drain loops while a taken message is unacked and still referenced. Removing it
         # from that set (without acking) ends the wait and leaves its offset uncommitted.
         if self._consumer is not None:
-            self._consumer._unacked_messages.discard(message)
+            self._consumer._unacked_messages.discard(message)  # noqa: SLF001  drain's set
 
 
 class SteadyFlowControl(FlowControlEvent):

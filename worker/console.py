@@ -341,7 +341,7 @@ async def topic_partitions(
         found = consumer.partitions_for_topic(topic)
         if found:
             return [TopicPartition(topic, p) for p in sorted(found)]
-        await consumer._client.force_metadata_update()
+        await consumer._client.force_metadata_update()  # noqa: SLF001  no public refresh
         await asyncio.sleep(0.2)
     raise ConfigError(f"topic {topic!r} does not exist")
 
