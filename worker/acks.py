@@ -5,15 +5,15 @@ record. Two things need them: the ``chat_worker_delta_publish_seconds`` histogra
 SSE event to its ack) and the final response, which may only be published once every delta of its
 attempt is acknowledged.
 
-Done-callbacks are the costly part: one per delta for the histogram and one more per delta for an
-``asyncio.gather`` over them cost about 7 us per delta (measured: 3 us a callback, 4 us a gathered
-future), each scheduled through the event loop, on a worker that spends 100-200 us per delta.
-The producer acknowledges a whole batch at once, and a partition's batches in the order they were
-sent, so ``DeltaAcks`` watches only the oldest unacknowledged delta: when it is acknowledged,
-every delta then acknowledged is observed in one callback (at the same time the per-delta
-callbacks would have run), and the next unacknowledged one is watched. One callback per batch,
-not per delta; every delta still observed once. Should acks ever arrive out of order, a delta
-acknowledged early is observed when the ones before it are: later, never twice, never lost.
+Done-callbacks are the costly part: one per delta for the histogram and one more per delta for
+an ``asyncio.gather`` over them would each be scheduled through the event loop, for every delta
+(what that costs: ``bench/README.md``). The producer acknowledges a whole batch at once, and a
+partition's batches in the order they were sent, so ``DeltaAcks`` watches only the oldest
+unacknowledged delta: when it is acknowledged, every delta then acknowledged is observed in one
+callback (at the same time the per-delta callbacks would have run), and the next unacknowledged
+one is watched. One callback per batch, not per delta; every delta still observed once. Should
+acks ever arrive out of order, a delta acknowledged early is observed when the ones before it
+are: later, never twice, never lost.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class DeltaAcks:
         if pending:
             # The producer acknowledges a partition's batches in send order, so once the last
             # is done the rest usually are: one callback, not one per delta (``asyncio.wait``
-            # adds and removes a callback on every future it is given: ~3 us a delta).
+            # adds and removes a callback on every future it is given).
             await asyncio.wait(pending[-1:])
             pending = [ack for ack in pending if not ack.done()]
             if pending:

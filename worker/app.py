@@ -2,7 +2,7 @@
 
 Why one dispatcher agent with manual acks and not ``@app.agent(concurrency=N)``: Faust's actors
 share one queue, so neither per-conversation order nor "never commit past an unfinished request"
-holds (design.md section 8). Here the agent only takes records; ``KeyOrderedScheduler`` decides
+holds (docs/design.md §10.1). Here the agent only takes records; ``KeyOrderedScheduler`` decides
 which may run, and acks go back to Faust strictly in offset order per partition, only for the
 leading run of finished records, so Faust's commit can never pass a request still in flight.
 
@@ -41,6 +41,7 @@ from worker.messages import (
     ChatDelta,
     ChatRequest,
     ChatResponse,
+    Headers,
     dead_letter_headers,
     decode_request,
 )
@@ -53,8 +54,6 @@ from worker.topics import STATE_TABLE
 from worker.vapi.client import VapiClient, VapiTimeouts
 
 log = structlog.get_logger(__name__)
-
-Headers = Sequence[tuple[str, bytes]]
 
 #: The log line of a release that cut final steps off or dropped the producer's records.
 FINAL_STEPS_CUT_OFF = "final steps cut off at the finish timeout, their records left for redelivery"
@@ -80,7 +79,7 @@ class IdempotentProducer(AIOKafkaProducer):
 def _transactional(producer: Any) -> bool:
     # aiokafka's ``send`` refuses records outside a transaction on a transactional producer;
     # the direct path must not skip that check (this worker's producer is idempotent only).
-    txn = producer._txn_manager
+    txn = producer._txn_manager  # noqa: SLF001  aiokafka has no public "is transactional"
     return txn is not None and txn.transactional_id is not None
 
 
@@ -134,8 +133,12 @@ class KafkaPublisher:
             # (``worker.limits.MAX_DELTA_TEXT_BYTES``), so a delta record is never near a limit.
             return cast(
                 Awaitable[object],
-                await producer._message_accumulator.add_message(
-                    tp, key, delta.encode(), producer._request_timeout_ms / 1000, headers=headers
+                await producer._message_accumulator.add_message(  # noqa: SLF001  into the batch: docs/design.md §10.4
+                    tp,
+                    key,
+                    delta.encode(),
+                    producer._request_timeout_ms / 1000,  # noqa: SLF001  send's own timeout
+                    headers=headers,
                 ),
             )
         # Only reached before the fast path above: its batches need the topic tracked.
@@ -161,7 +164,7 @@ class KafkaPublisher:
     def _aiokafka_producer(self) -> Any:
         # ``_ensure_producer`` is Faust's own accessor (faust-streaming is pinned); it raises
         # NotReady before the producer has started.
-        return cast(Any, self._app.producer)._ensure_producer()
+        return cast(Any, self._app.producer)._ensure_producer()  # noqa: SLF001  no public getter
 
     async def send_response(self, response: ChatResponse, headers: Headers) -> None:
         self._track_written_topics(self._aiokafka_producer())
@@ -565,7 +568,7 @@ class Dispatcher:
         # Faust's drain loops while a taken message is unacked and still referenced. Removing it
         # from that set (without acking) ends the wait and leaves its offset uncommitted.
         if self._consumer is not None:
-            self._consumer._unacked_messages.discard(message)
+            self._consumer._unacked_messages.discard(message)  # noqa: SLF001  drain's set
 
 
 class SteadyFlowControl(FlowControlEvent):

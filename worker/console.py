@@ -25,10 +25,49 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import ValidationError
 
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.messages import ChatRequest
 from worker.topics import kafka_client_kwargs
+
+
+def new_request(
+    conversation_id: str,
+    text: str,
+    *,
+    request_id: str | None = None,
+    assistant_id: str | None = None,
+    reset_context: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> ChatRequest:
+    """The ``ChatRequest`` that ``send`` produces: a new request id unless one is given.
+
+    An empty ``assistant_id`` or ``metadata`` is left out. What the message contract refuses (an
+    empty or too long id) is a ``ConfigError`` naming the field, instead of a record the worker
+    would dead-letter.
+    """
+    try:
+        return ChatRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            conversation_id=conversation_id,
+            input=text,
+            assistant_id=assistant_id or None,
+            reset_context=reset_context,
+            metadata=metadata or None,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"not a valid {ChatRequest.SCHEMA} request: {problems}") from None
+
+
+def request_headers() -> list[tuple[str, bytes]]:
+    """The headers of a request record: its content type and schema name."""
+    return [("content-type", b"application/json"), ("schema", ChatRequest.SCHEMA.encode())]
 
 
 async def send_request(
@@ -43,23 +82,19 @@ async def send_request(
 ) -> str:
     """Produce one ChatRequest keyed by its conversation; returns its request_id.
 
-    The request topic must exist (``ConfigError`` naming it otherwise): producing to a missing
-    topic would let the broker create it with its default partition count, which the worker then
-    refuses to start with.
+    The request is checked first (``new_request``). The request topic must exist
+    (``ConfigError`` naming it otherwise): producing to a missing topic would let the broker
+    create it with its default partition count, which the worker then refuses to start with.
     """
+    request = new_request(
+        conversation_id,
+        text,
+        request_id=request_id,
+        assistant_id=assistant_id,
+        reset_context=reset_context,
+        metadata=metadata,
+    )
     await require_topic(settings, settings.topic_requests)
-    request_id = request_id or uuid.uuid4().hex
-    body: dict[str, Any] = {
-        "request_id": request_id,
-        "conversation_id": conversation_id,
-        "input": text,
-    }
-    if assistant_id:
-        body["assistant_id"] = assistant_id
-    if reset_context:
-        body["reset_context"] = True
-    if metadata:
-        body["metadata"] = metadata
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         enable_idempotence=True,
@@ -69,13 +104,13 @@ async def send_request(
     try:
         await producer.send_and_wait(
             settings.topic_requests,
-            json.dumps(body).encode(),
-            key=conversation_id.encode(),
-            headers=[("content-type", b"application/json"), ("schema", b"chat.request.v1")],
+            request.encode(),
+            key=request.conversation_id.encode(),
+            headers=request_headers(),
         )
     finally:
         await producer.stop()
-    return request_id
+    return request.request_id
 
 
 async def require_topic(settings: Settings, topic: str, *, timeout_s: float = 20.0) -> None:
@@ -306,7 +341,7 @@ async def topic_partitions(
         found = consumer.partitions_for_topic(topic)
         if found:
             return [TopicPartition(topic, p) for p in sorted(found)]
-        await consumer._client.force_metadata_update()
+        await consumer._client.force_metadata_update()  # noqa: SLF001  no public refresh
         await asyncio.sleep(0.2)
     raise ConfigError(f"topic {topic!r} does not exist")
 

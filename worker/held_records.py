@@ -53,22 +53,24 @@ async def drop_held_records(producer: Any, reason: str) -> dict[str, int]:
     ``KafkaError`` carrying ``reason`` (after waiting, up to the request timeout, for its topic's
     metadata if the producer has none): the producer is of no further use.
     """
-    accumulator = producer._message_accumulator
-    sender_task = producer._sender.sender_task
+    accumulator = producer._message_accumulator  # noqa: SLF001  the held batches
+    sender_task = producer._sender.sender_task  # noqa: SLF001  the task that sends them
     if sender_task is not None:
         sender_task.cancel()  # no more batches drained, no more retries
-    for conn in list(producer.client._conns.values()):
+    for conn in list(producer.client._conns.values()):  # noqa: SLF001  its connections
         conn.close(reason=CloseReason.SHUTDOWN)  # requests in flight fail now, not at their timeout
     if sender_task is not None:
         # Its requests in flight end first (each puts its batch back for a retry that never comes).
         await asyncio.wait([sender_task], timeout=SENDER_STOP_S)
-    queued = [batch for batches in accumulator._batches.values() for batch in batches]
-    held = queued + list(accumulator._pending_batches)
+    batches = accumulator._batches.values()  # noqa: SLF001  batches not sent yet
+    queued = [batch for per_partition in batches for batch in per_partition]
+    held = queued + list(accumulator._pending_batches)  # noqa: SLF001  batches in flight
     # A batch that went out and came back for a retry has a callback that takes it out of the
     # in-flight set once it is done: it must be in that set when it fails.
-    accumulator._pending_batches.update(batch for batch in queued if batch.retry_count > 0)
+    retried = (batch for batch in queued if batch.retry_count > 0)
+    accumulator._pending_batches.update(retried)  # noqa: SLF001  as a sent batch is
     for batch in held:
-        for future, _ in batch._msg_futures:
+        for future, _ in batch._msg_futures:  # noqa: SLF001  each record's future
             future.add_done_callback(_retrieve)  # nobody may be left to await it
     accumulator.fail_all(KafkaError(reason))
     dropped: dict[str, int] = {}

@@ -17,13 +17,12 @@ surrogate pair is ever cut in half; lone surrogates never reach here (the SSE pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Final
 
 import pydantic_core
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from worker.messages import DLQ_HEADER_PREFIX
+from worker.messages import DLQ_HEADER_PREFIX, RecordHeaders
 
 __all__ = [
     "DLQ_HEADERS_DROPPED_HEADER",
@@ -49,8 +48,6 @@ DLQ_TRUNCATED_HEADER: Final = f"{DLQ_HEADER_PREFIX}truncated"
 #: On a dead letter whose original headers were dropped to fit: how many there were.
 DLQ_HEADERS_DROPPED_HEADER: Final = f"{DLQ_HEADER_PREFIX}headers-dropped"
 
-Headers = Sequence[tuple[str, bytes | None]]
-
 
 def json_text_bytes(text: str) -> int:
     """Bytes ``text`` takes inside a JSON string as the messages serialize it (quotes excluded)."""
@@ -72,14 +69,14 @@ def split_text(text: str, max_bytes: int) -> list[str]:
     return [text[start : start + step] for start in range(0, len(text), step)]
 
 
-def record_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+def record_bytes(key: bytes | None, value: bytes | None, headers: RecordHeaders) -> int:
     """The size aiokafka's ``send`` compares with ``max_request_size`` (one record's batch)."""
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers)))
 
 
 def fit_dead_letter(
-    key: bytes | None, value: bytes | None, headers: Headers, *, max_bytes: int
-) -> tuple[bytes | None, bytes | None, Headers]:
+    key: bytes | None, value: bytes | None, headers: RecordHeaders, *, max_bytes: int
+) -> tuple[bytes | None, bytes | None, RecordHeaders]:
     """The dead letter of a record, cut to at most ``max_bytes`` when it is larger.
 
     A record that fits is returned as it is. Otherwise ``dlq-truncated`` (the value's size) is

@@ -19,7 +19,7 @@ with ``unknown_schema``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, get_args
 
 import pydantic_core
@@ -66,6 +66,11 @@ TRACE_HEADER_NAMES: Final[frozenset[str]] = frozenset(
 )
 TRACE_HEADER_PREFIXES: Final[tuple[str, ...]] = ("x-b3-",)
 DLQ_HEADER_PREFIX: Final = "dlq-"
+
+#: Kafka record headers as the worker writes them on its outputs: (name, value) pairs.
+Headers = Sequence[tuple[str, bytes]]
+#: Kafka record headers as a record may carry them: a value can be null.
+RecordHeaders = Sequence[tuple[str, bytes | None]]
 
 _CONTENT_TYPE_HEADER: Final = ("content-type", b"application/json")
 
@@ -145,8 +150,10 @@ class ChatRequest(BaseModel):
 class ChatDelta(BaseModel):
     """One fragment of reply text, published as it arrives (``chat.delta.v1``).
 
-    ``(request_id, attempt, seq)`` identifies it: consumers drop duplicates by that triple, and a
-    new ``attempt`` (seq from 0 again) means the stream restarted; earlier attempts' text is void.
+    Consumers drop duplicates by ``(request_id, attempt, chat_id, seq)``. One stream is one
+    ``(request_id, attempt, chat_id)``: a new ``attempt`` (a retry, seq from 0 again) or a new
+    ``chat_id`` (the request run again after a crash or rebalance, attempts from 1 again) means
+    the stream restarted, and the earlier stream's text is void (docs/design.md §2.2).
     """
 
     model_config = _MODEL_CONFIG
@@ -199,7 +206,7 @@ class ChatResponse(BaseModel):
     status: Literal["completed", "failed"]
     text: str
     delta_count: Annotated[int, Field(ge=0)]
-    # 0 when the request failed before Vapi was called (e.g. an assistant that is not allowed).
+    # 0 when the request failed before Vapi was called (a 429 pause past its deadline, a bug).
     attempts: Annotated[int, Field(ge=0)]
     context_reset: bool
     error: ErrorInfo | None

@@ -1,8 +1,8 @@
 """The worker's Prometheus metrics, created against a registry passed in (never the global one).
 
-Names are a contract (design.md §6): dashboards, alert rules and the HPA read them. Every label
-has a bounded set of values; the sets below are pre-initialised so that each series shows as 0
-from the first scrape, and ``rate()`` sees the first increment.
+Names are a contract (docs/design.md §12): dashboards, alert rules and the HPA read them. Every
+label has a bounded set of values; the sets below are pre-initialised so that each series shows
+as 0 from the first scrape, and ``rate()`` sees the first increment.
 
     chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
     chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
@@ -17,7 +17,8 @@ from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_retries_total{reason}            see RETRY_REASONS
     chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
     chat_worker_malformed_events_total           SSE events that could not be decoded
-    chat_worker_consumer_lag{partition}          log end offset - committed offset, per partition
+    chat_worker_consumer_lag{partition}          high watermark - lowest unfinished offset, per
+                                                 partition (the position when none is pending)
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
     chat_worker_broker_reachable                 1 when the last broker metadata request succeeded
     chat_worker_vapi_backoff_seconds             seconds left of the worker-wide pause after a 429
@@ -122,11 +123,6 @@ PREFIX: Final = "chat_worker"
 def dlq_reason(reason: str) -> str:
     """The bounded ``reason`` label value for a dead-letter reason code."""
     return reason if reason in DLQ_REASONS else "other"
-
-
-def vapi_status(status: int | None) -> str:
-    """The ``status`` label value for a Vapi HTTP status, or ``"error"`` when none came back."""
-    return "error" if status is None else str(status)
 
 
 class WorkerMetrics:
@@ -238,10 +234,6 @@ class WorkerMetrics:
     def count_dead_letter(self, reason: str) -> None:
         """Count one record sent to the DLQ, with its reason code bounded by ``dlq_reason``."""
         self.dlq_total.labels(reason=dlq_reason(reason)).inc()
-
-    def count_vapi_response(self, status: int | None) -> None:
-        """Count one Vapi response by HTTP status, or a call that got no response."""
-        self.vapi_responses_total.labels(status=vapi_status(status)).inc()
 
     def set_consumer_lag(self, partition: int, lag: int) -> None:
         """Set the lag of one assigned request partition (never below 0)."""

@@ -3,7 +3,7 @@
 The handler knows nothing of Faust or httpx: its collaborators (the Vapi stream, the publisher,
 the retry policy, the clocks, the metrics) are passed in, so tests can hand it the real simulator
 client and a real Kafka publisher, or fakes. ``app.py`` decides *when* a request runs (ordering,
-duplicates, state); this module decides *what* running it means (design.md sections 1 and 3).
+duplicates, state); this module decides *what* running it means (docs/design.md §4.3 and §6).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +36,7 @@ from worker.messages import (
     ChatRequest,
     ChatResponse,
     ErrorInfo,
+    Headers,
     Timings,
     output_headers,
 )
@@ -49,8 +50,6 @@ log = structlog.get_logger(__name__)
 #: Deltas added to ``chat_worker_deltas_total`` at once (and at the end of every attempt): the
 #: counter takes a lock per call, once per delta was a few percent of the worker's CPU.
 DELTA_COUNT_BATCH = 32
-
-Headers = Sequence[tuple[str, bytes]]
 
 
 class ChatStreamer(Protocol):

@@ -28,17 +28,16 @@ The model
   never one past an unfinished record. The caller acks exactly those (``await stream.ack(event)``),
   in that order, so Faust's consumer never sees a gap it could commit across.
 * ``revoke`` forgets partitions: their running tickets are returned for the caller to cancel,
-  the others are dropped. A later ``complete`` of a revoked ticket is ignored. Revoking frees
-  slots; ``start_ready`` hands them to other partitions' records that were waiting for one.
-  (``submit`` and ``complete`` fill free slots too, but only when they are called: a caller that
-  revokes should call ``start_ready`` right after.)
+  the others are dropped. A later ``complete`` of a revoked ticket is ignored. The slots a revoke
+  frees go to other partitions' waiting records at the next ``submit`` or ``complete`` (the
+  dispatcher revokes every partition it holds at once, so none are left waiting).
 
-Tickets are matched by identity: ``complete`` takes the very object ``submit``/``complete``/
-``start_ready`` returned. Each ticket also carries the *epoch* of its partition's assignment, so a
+Tickets are matched by identity: ``complete`` takes the very object ``submit``/``complete``
+returned. Each ticket also carries the *epoch* of its partition's assignment, so a
 ticket from before a revoke never completes the record with the same offset taken after the
 partition came back.
 
-Costs: ``submit``, ``complete`` and ``start_ready`` are O(log n) in the number of ready records
+Costs: ``submit`` and ``complete`` are O(log n) in the number of ready records
 (a heap ordered by submission), everything else O(1) amortized; ``revoke`` is O(n).
 """
 
@@ -208,7 +207,7 @@ class KeyOrderedScheduler(Generic[T]):
         """Forget ``partitions``; returns their running tickets, for the caller to cancel.
 
         Their waiting records are dropped. Slots freed here go to other partitions' waiting records
-        through :meth:`start_ready` (or the next ``submit``/``complete``).
+        at the next ``submit`` or ``complete``.
         """
         cancelled: list[Ticket[T]] = []
         gone: set[Hashable] = set()
@@ -225,10 +224,6 @@ class KeyOrderedScheduler(Generic[T]):
             self._ready = [entry for entry in self._ready if entry[1].partition not in gone]
             heapq.heapify(self._ready)
         return cancelled
-
-    def start_ready(self) -> list[Ticket[T]]:
-        """Give free slots to waiting records; returns the tickets to start now (after a revoke)."""
-        return self._fill()
 
     def _live_state(self, ticket: Ticket[T]) -> _Partition[T] | None:
         """The partition state ``ticket`` belongs to; None if that assignment was revoked."""

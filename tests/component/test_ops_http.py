@@ -256,8 +256,8 @@ async def test_metrics_output_passes_promtool(
         if os.environ.get("CI"):
             pytest.fail(f"promtool is not installed; CI must install it ({hint})")
         pytest.skip(f"promtool is not installed ({hint}); CI installs it")
-    metrics.count_vapi_response(200)
-    metrics.count_vapi_response(None)
+    metrics.vapi_responses_total.labels(status="200").inc()
+    metrics.vapi_responses_total.labels(status="error").inc()
     metrics.set_consumer_lag(0, 12)
     metrics.request_duration_seconds.observe(4.2)
     metrics.delta_publish_seconds.observe(0.002)

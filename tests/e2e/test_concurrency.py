@@ -1,6 +1,6 @@
 """Concurrency through the real broker: key order, the in-flight bound, safe commits, backpressure.
 
-Every claim of design.md section 2 is checked here with a worker process, the simulator and Kafka:
+Every claim of docs/design.md §3 is checked here with a worker process, the simulator and Kafka:
 timings come from the simulator's call records (its own clock), never from how fast things ran.
 """
 

@@ -31,6 +31,7 @@ from tests.e2e.harness import (
     produce,
     request_record,
 )
+from worker.messages import RecordHeaders
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -44,7 +45,6 @@ DLQ_HEADERS = (
     "dlq-source-partition",
     "dlq-source-offset",
 )
-Headers = list[tuple[str, bytes | None]]
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ class BadRecord:
     reason: str
     extra_headers: tuple[tuple[str, bytes | None], ...] = ()
 
-    def headers(self, index: int) -> Headers:
+    def headers(self, index: int) -> RecordHeaders:
         trace = f"00-{index + 1:032x}-{index + 1:016x}-01".encode()
         return [("x-case", self.case.encode()), ("traceparent", trace), *self.extra_headers]
 
@@ -132,7 +132,7 @@ BAD_RECORDS = [
 
 
 async def _produce_each(
-    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers]]
+    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes, RecordHeaders]]
 ) -> list[tuple[int, int]]:
     """Produce records in order, each with its own headers; returns (partition, offset) of each."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)

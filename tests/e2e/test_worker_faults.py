@@ -9,7 +9,7 @@ before a crash is not sent to the simulator again after it.
 
 One duplicate is allowed, and only under SIGKILL: a request whose response was out before the
 kill while its "finished" record (the ``chat-state`` changelog) was not yet. That is the residual
-window of at-least-once without Kafka transactions (design.md section 3); the check proves each
+window of at-least-once without Kafka transactions (docs/design.md §5.3); the check proves each
 duplicate lies in it, from Kafka timestamps, and counts it. The counts of every run are printed
 and appended as one JSON line to ``.run/fault-report.jsonl``.
 """
@@ -131,10 +131,11 @@ class Evidence:
     kills: Sequence[float]
 
     def in_residual_window(self, rid: str, killed_at: float) -> bool:
-        """The response was out before the kill, the "finished" record not yet (design.md 3).
+        """The response was out before the kill, the "finished" record not yet.
 
-        A SIGKILL between the two leaves the request uncommitted and not marked finished, so
-        the next worker answers it again: the one duplicate at-least-once allows.
+        That is the residual window (docs/design.md §5.3): a SIGKILL between the two leaves the
+        request uncommitted and not marked finished, so the next worker answers it again, the one
+        duplicate at-least-once allows.
         """
         out = [t for t in self.published.get(rid, []) if t < killed_at]
         return bool(out) and self.recorded.get(rid, float("inf")) >= killed_at

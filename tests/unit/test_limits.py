@@ -19,13 +19,12 @@ from worker.limits import (
     record_bytes,
     split_text,
 )
-from worker.messages import ChatDelta, ChatResponse, Timings, output_headers
+from worker.messages import ChatDelta, ChatResponse, RecordHeaders, Timings, output_headers
 
 pytestmark = pytest.mark.unit
 
 #: Every code point a Python str from JSON can hold: no lone surrogates (JSON parsers refuse them).
 TEXT = st.text(st.characters(exclude_categories=("Cs",)))
-Headers = list[tuple[str, bytes | None]]
 
 
 @given(TEXT)
@@ -115,7 +114,7 @@ def test_the_default_reply_limit_fits_a_record_whatever_the_characters() -> None
 
 # --- dead letters ---------------------------------------------------------------------------------
 
-SOURCE_HEADERS: Headers = [("x-case", b"big"), ("dlq-reason", b"not_json")]
+SOURCE_HEADERS: RecordHeaders = [("x-case", b"big"), ("dlq-reason", b"not_json")]
 
 
 def test_a_dead_letter_that_fits_is_unchanged() -> None:
@@ -137,7 +136,7 @@ def test_a_too_large_value_is_cut_and_its_size_recorded() -> None:
 
 def test_the_size_check_is_the_producers() -> None:
     """``record_bytes`` is the estimate aiokafka's ``send`` compares with max_request_size."""
-    headers: Headers = [("a", b"b"), ("n", None)]
+    headers: RecordHeaders = [("a", b"b"), ("n", None)]
     expected = DefaultRecordBatchBuilder.estimate_size_in_bytes(b"key", b"value", headers)
     assert record_bytes(b"key", b"value", headers) == expected
 
@@ -150,7 +149,7 @@ HEADERS = st.lists(
     max_size=6,
 )
 #: What ``dead_letter_headers`` adds (at most): these always stay.
-ADDED: Headers = [("dlq-reason", b"not_json"), ("dlq-detail", b"d" * 60)]
+ADDED: RecordHeaders = [("dlq-reason", b"not_json"), ("dlq-detail", b"d" * 60)]
 
 
 @given(
@@ -160,7 +159,7 @@ ADDED: Headers = [("dlq-reason", b"not_json"), ("dlq-detail", b"d" * 60)]
     st.integers(min_value=400, max_value=4000),
 )
 def test_every_dead_letter_fits(
-    key: bytes | None, value: bytes | None, headers: Headers, max_bytes: int
+    key: bytes | None, value: bytes | None, headers: RecordHeaders, max_bytes: int
 ) -> None:
     """Whatever the record, the result fits: value cut first, then headers, then the key."""
     headers = [*headers, *ADDED]

@@ -13,12 +13,11 @@ from worker.metrics import (
     WorkerMetrics,
     dlq_reason,
     render,
-    vapi_status,
 )
 
 pytestmark = pytest.mark.unit
 
-#: design.md §6 plus the extras this module adds; dashboards and alerts depend on these names.
+#: docs/design.md §12 plus the extras this module adds; dashboards and alerts depend on these names.
 CONTRACT = {
     "chat_worker_requests": "counter",
     "chat_worker_internal_errors": "counter",
@@ -149,17 +148,6 @@ def test_dead_letter_reasons_stay_bounded(
     assert sample(registry, "chat_worker_dlq_total", reason="not_json") == 1
     assert sample(registry, "chat_worker_dlq_total", reason="other") == 1
     assert sample(registry, "chat_worker_dlq_total", reason="some_new_code") is None
-
-
-def test_vapi_responses_by_status_or_error(
-    registry: CollectorRegistry, metrics: WorkerMetrics
-) -> None:
-    """An HTTP status is a label of its own digits; no response at all is "error"."""
-    metrics.count_vapi_response(429)
-    metrics.count_vapi_response(None)
-    assert vapi_status(200) == "200"
-    assert sample(registry, "chat_worker_vapi_responses_total", status="429") == 1
-    assert sample(registry, "chat_worker_vapi_responses_total", status="error") == 1
 
 
 def test_consumer_lag_per_partition_and_forgotten_on_revoke(

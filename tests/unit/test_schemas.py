@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
+from worker import console
 from worker.errors import InvalidRequestError
 from worker.messages import (
     ChatDelta,
@@ -292,6 +294,34 @@ def test_unknown_fields_are_accepted_by_both() -> None:
         document = {**_wire(message), "added_in_v1_1": {"x": 1}}
         assert _validator(name).is_valid(document)
         assert _model_accepts(MODELS[name], document)
+
+
+#: How a consumer drops duplicate deltas. A request redelivered after a crash or a rebalance runs
+#: again from attempt 1, seq 0, on a new Vapi chat: without ``chat_id`` its deltas would collide
+#: with those of the run that was cut off.
+DELTA_KEY = "(request_id, attempt, chat_id, seq)"
+#: One stream of deltas: the text of a stream is its deltas in seq order.
+STREAM_KEY = "(request_id, attempt, chat_id)"
+#: Every place that tells consumers how to read the delta topic.
+DELTA_KEY_TEXTS = {
+    "schemas/chat.delta.v1.json": lambda: (SCHEMA_DIR / "chat.delta.v1.json").read_text("utf-8"),
+    "README.md": lambda: (SCHEMA_DIR.parent / "README.md").read_text("utf-8"),
+    "docs/design.md": lambda: (SCHEMA_DIR.parent / "docs/design.md").read_text("utf-8"),
+    "ChatDelta": lambda: ChatDelta.__doc__ or "",
+    "worker.console": lambda: console.__doc__ or "",
+}
+
+
+@pytest.mark.parametrize("where", sorted(DELTA_KEY_TEXTS))
+def test_the_delta_dedupe_key_is_the_same_everywhere(where: str) -> None:
+    """Schema, README, design document and code all give consumers one dedupe key, chat_id in it.
+
+    Every ``(request_id, ...)`` tuple they name is that key or the stream it belongs to.
+    """
+    text = " ".join(DELTA_KEY_TEXTS[where]().split())
+    assert DELTA_KEY in text, f"{where} does not state the dedupe key {DELTA_KEY}"
+    for named in re.findall(r"\(request_id,[^)]*\)", text.replace("`", "")):
+        assert named in (DELTA_KEY, STREAM_KEY), f"{where} names {named}"
 
 
 def test_decode_request_agrees_with_the_request_schema() -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from worker.simulator.errors import ChatRejectedError
-from worker.simulator.validation import ChatRequest, validate_chat_request
+from worker.simulator.validation import CreateChatBody, validate_create_chat_body
 
 pytestmark = pytest.mark.unit
 
 
 def test_minimal_valid_request() -> None:
     """``assistantId`` and a string input are enough; streaming defaults to off."""
-    request = validate_chat_request({"assistantId": "a1", "input": "hi"})
-    assert request == ChatRequest(input="hi", assistant_id="a1")
+    request = validate_create_chat_body({"assistantId": "a1", "input": "hi"})
+    assert request == CreateChatBody(input="hi", assistant_id="a1")
     assert request.owner == "assistant:a1"
 
 
@@ -28,7 +28,7 @@ def test_full_request() -> None:
         "stream": True,
         "transport": {},
     }
-    request = validate_chat_request(body)
+    request = validate_create_chat_body(body)
     assert request.previous_chat_id == "chat_1"
     assert request.stream is True
     assert request.name == "n" * 40
@@ -36,9 +36,9 @@ def test_full_request() -> None:
 
 def test_transient_assistant_and_context_only_requests_are_valid() -> None:
     """A transient ``assistant``, or only ``previousChatId``/``sessionId``, is allowed."""
-    assert validate_chat_request({"assistant": {}, "input": "x"}).owner == "transient"
-    assert validate_chat_request({"previousChatId": "c", "input": "x"}).owner is None
-    assert validate_chat_request({"sessionId": "s", "input": "x"}).session_id == "s"
+    assert validate_create_chat_body({"assistant": {}, "input": "x"}).owner == "transient"
+    assert validate_create_chat_body({"previousChatId": "c", "input": "x"}).owner is None
+    assert validate_create_chat_body({"sessionId": "s", "input": "x"}).session_id == "s"
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_transient_assistant_and_context_only_requests_are_valid() -> None:
 def test_invalid_bodies_are_rejected_with_400(body: object, problem: str) -> None:
     """Each rule violation gives a 400 whose message list names the problem."""
     with pytest.raises(ChatRejectedError) as caught:
-        validate_chat_request(body)
+        validate_create_chat_body(body)
     assert caught.value.status == 400
     assert isinstance(caught.value.message, list)
     assert any(problem in line for line in caught.value.message), caught.value.message
@@ -75,5 +75,5 @@ def test_invalid_bodies_are_rejected_with_400(body: object, problem: str) -> Non
 def test_all_problems_are_reported_together() -> None:
     """Like Vapi, every problem is listed, not just the first."""
     with pytest.raises(ChatRejectedError) as caught:
-        validate_chat_request({"input": "", "foo": 1, "name": 5})
+        validate_create_chat_body({"input": "", "foo": 1, "name": 5})
     assert len(caught.value.message) == 4

@@ -34,7 +34,7 @@ from worker.simulator.faults import (
 from worker.simulator.replies import bulk_reply, compose_reply, split_tokens
 from worker.simulator.state import CallRecord, SimulatorState, StoredChat
 from worker.simulator.streaming import ReplyStream, StreamPlan
-from worker.simulator.validation import ChatRequest, validate_chat_request
+from worker.simulator.validation import CreateChatBody, validate_create_chat_body
 
 _JSON = "application/json"
 #: Vapi (Node) sends compact JSON with UTF-8 text; so does the simulator.
@@ -123,16 +123,16 @@ class ChatHandler:
 
     async def _answer(self, request: web.Request, call: CallRecord) -> web.StreamResponse:
         self._check_auth(request)
-        chat_request = validate_chat_request(await self._read_json(request))
-        call.note_request(chat_request)
+        chat_body = validate_create_chat_body(await self._read_json(request))
+        call.note_request(chat_body)
         try:
-            parsed = parse_input(chat_request.input)
+            parsed = parse_input(chat_body.input)
         except SpecError as exc:
             raise ChatRejectedError(400, [f"simulator directive: {exc}"]) from None
         faults = self._state.faults.arm(
             parsed.faults,
             call_key=request.headers.get("X-Request-Id") or parsed.raw_text,
-            assistant_id=chat_request.assistant_id,
+            assistant_id=chat_body.assistant_id,
             input_text=parsed.raw_text,
         )
         call.fault = faults.kinds
@@ -145,9 +145,9 @@ class ChatHandler:
         if isinstance(faults.before_response, ResetFault):
             call.outcome = "reset"
             return _reset_connection(request)
-        chat = self._new_chat(chat_request, parsed)
+        chat = self._new_chat(chat_body, parsed)
         call.chat_id = chat.id
-        if chat_request.stream:
+        if chat_body.stream:
             return await self._stream(request, call, chat, self._plan(chat, parsed, faults))
         return await self._whole(request, call, chat, self._plan(chat, parsed, faults))
 
@@ -162,15 +162,15 @@ class ChatHandler:
         except ValueError:
             raise ChatRejectedError(400, ["request body is not valid JSON"]) from None
 
-    def _new_chat(self, chat_request: ChatRequest, parsed: ParsedInput) -> StoredChat:
-        context = self._state.resolve_context(chat_request)
+    def _new_chat(self, chat_body: CreateChatBody, parsed: ParsedInput) -> StoredChat:
+        context = self._state.resolve_context(chat_body)
         pace = parsed.pace
         tokens = self._config.reply_tokens if pace.tokens is None else pace.tokens
         if pace.token_chars is not None:
             reply = bulk_reply(tokens, pace.token_chars, pace.char or "x")
         else:
             reply = compose_reply(context.history, parsed.user_text, tokens)
-        return self._state.new_chat(chat_request, context, list(parsed.messages), reply)
+        return self._state.new_chat(chat_body, context, list(parsed.messages), reply)
 
     def _plan(self, chat: StoredChat, parsed: ParsedInput, faults: FaultPlan) -> StreamPlan:
         pace, config = parsed.pace, self._config

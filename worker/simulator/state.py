@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from worker.simulator.errors import ChatRejectedError
 from worker.simulator.faults import FaultBook
-from worker.simulator.validation import ChatInput, ChatRequest
+from worker.simulator.validation import ChatInput, CreateChatBody
 
 ORG_ID = "sim-org"
 Message = dict[str, object]
@@ -102,7 +102,7 @@ class CallRecord:
     ended_at: float | None = None
     outcome: str | None = None
 
-    def note_request(self, request: ChatRequest) -> None:
+    def note_request(self, request: CreateChatBody) -> None:
         """Copy the request's identifying fields once the body has been validated."""
         self.assistant_id = request.assistant_id
         self.previous_chat_id = request.previous_chat_id
@@ -155,7 +155,7 @@ class SimulatorState:
         self.stats.calls += 1
         return record
 
-    def resolve_context(self, request: ChatRequest) -> Context:
+    def resolve_context(self, request: CreateChatBody) -> Context:
         """Find the history a request continues from, or refuse it as Vapi would (404/400)."""
         if request.previous_chat_id is not None:
             return self._from_chat(request, request.previous_chat_id)
@@ -163,7 +163,7 @@ class SimulatorState:
             return self._from_session(request, request.session_id)
         return Context(history=[], owner=request.owner, assistant_id=request.assistant_id)
 
-    def _from_chat(self, request: ChatRequest, chat_id: str) -> Context:
+    def _from_chat(self, request: CreateChatBody, chat_id: str) -> Context:
         chat = self.chats.get(chat_id)
         if chat is None:
             raise ChatRejectedError(404, f"Chat {chat_id} not found (previousChatId)")
@@ -173,7 +173,7 @@ class SimulatorState:
             )
         return Context(chat.transcript, chat.owner, request.assistant_id or chat.assistant_id)
 
-    def _from_session(self, request: ChatRequest, session_id: str) -> Context:
+    def _from_session(self, request: CreateChatBody, session_id: str) -> Context:
         session = self.sessions.get(session_id)
         if session is None:
             if request.owner is None:
@@ -184,7 +184,7 @@ class SimulatorState:
         return Context(list(session.transcript), session.owner, request.assistant_id)
 
     def new_chat(
-        self, request: ChatRequest, context: Context, messages: list[Message], reply: str
+        self, request: CreateChatBody, context: Context, messages: list[Message], reply: str
     ) -> StoredChat:
         """A chat for this turn; it is not remembered until ``commit`` (a broken stream is not)."""
         return StoredChat(

@@ -4,8 +4,9 @@ Why: timing is the point of a streaming test (first delta, gaps, stalls), so eac
 and drained right when it is due, and the stream's bookkeeping (deltas sent, streams in flight,
 delta timestamps) is updated where the bytes are written. Events that are due at once (no delay
 between tokens: "as fast as it can") go out together, up to ``FLAT_OUT_WRITE_BYTES`` per write:
-the bytes on the wire are the same, but one write and one event-loop turn per event made the
-simulator, which shares the benchmark's cores with the worker, cost ~50 µs of CPU per delta.
+the bytes on the wire are the same, and the simulator, which shares the benchmark's cores with the
+worker, pays for one write and one event-loop turn per write instead of per event
+(``bench/README.md``).
 A stream ends by closing the chunked body; ``disconnect`` instead drops the connection so the
 final chunk never arrives.
 """

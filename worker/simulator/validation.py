@@ -35,7 +35,7 @@ ChatInput = str | list[dict[str, object]]
 
 
 @dataclass(frozen=True)
-class ChatRequest:
+class CreateChatBody:
     """The parts of a valid ``CreateChatDTO`` the simulator acts on."""
 
     input: ChatInput
@@ -105,7 +105,7 @@ def _optional_str(body: Mapping[str, object], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def validate_chat_request(body: object) -> ChatRequest:
+def validate_create_chat_body(body: object) -> CreateChatBody:
     """Check a decoded JSON body; raise ``ChatRejectedError(400, [...])`` listing every problem."""
     if not isinstance(body, dict):
         raise ChatRejectedError(400, ["request body must be a JSON object"])
@@ -116,7 +116,7 @@ def validate_chat_request(body: object) -> ChatRequest:
     problems += _field_problems(body) + _rule_problems(body)
     if problems:
         raise ChatRejectedError(400, problems)
-    return ChatRequest(
+    return CreateChatBody(
         input=body["input"],
         assistant_id=_optional_str(body, "assistantId"),
         squad_id=_optional_str(body, "squadId"),

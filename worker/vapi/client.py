@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self, cast
+from typing import Final, Self, cast
 
 import httpx
 import pydantic_core
@@ -69,9 +69,6 @@ from worker.vapi.events import MalformedEvent, StreamDelta, StreamDone, parse_ev
 from worker.vapi.sse import SSEStreamDecoder
 from worker.vapi.transport import AiohttpTransport
 
-if TYPE_CHECKING:
-    from worker.config import Settings
-
 __all__ = ["VapiClient", "VapiTimeouts"]
 
 #: How much of an error response is read, and how much of its message is kept.
@@ -85,7 +82,7 @@ MAX_HTTP_STATUS: Final = 599
 
 @dataclass(frozen=True, slots=True)
 class VapiTimeouts:
-    """The four deadlines of one call, in seconds (design.md §3)."""
+    """The four deadlines of one call, in seconds (docs/design.md §6)."""
 
     connect_s: float
     first_delta_s: float
@@ -97,16 +94,6 @@ class VapiTimeouts:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"Vapi timeout {name} must be a positive number, got {value!r}")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VapiTimeouts:
-        """The timeouts configured by ``VAPI_*_TIMEOUT_S``."""
-        return cls(
-            connect_s=settings.vapi_connect_timeout_s,
-            first_delta_s=settings.vapi_first_delta_timeout_s,
-            stall_s=settings.vapi_stall_timeout_s,
-            request_s=settings.vapi_request_timeout_s,
-        )
 
 
 class VapiClient:
@@ -127,7 +114,7 @@ class VapiClient:
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"Vapi base URL must be http(s)://host[:port][/path], got {url}")
         self._base_url = str(url).rstrip("/")
-        # Parsed once: parsing the URL was a fifth of building each call's request.
+        # Parsed once, not per call: the URL never changes.
         self._chat_url = httpx.URL(f"{self._base_url}/chat")
         self._api_key = api_key
         # The key and every other secret given (kept wrapped: no repr shows them), longest first,
@@ -158,11 +145,10 @@ class VapiClient:
             connect=timeouts.connect_s, read=None, write=None, pool=None
         ).as_dict()
         # Requests go to the transport directly, without an ``httpx.AsyncClient`` around it:
-        # the client's per-call work (its cookie jar, URL merging, the auth and redirect flows)
-        # was 400 of the 950 us of CPU a call cost, and none of it applies here: one fixed URL,
-        # no cookies, no redirects followed, the key in a default header. aiohttp moves the
-        # bytes (worker.vapi.transport: a quarter of the CPU per delta of httpx's own
-        # transport); the pool limit lives in the transport.
+        # none of the client's per-call work (its cookie jar, URL merging, the auth and redirect
+        # flows) applies to one fixed URL with no cookies, no redirects followed and the key in a
+        # default header, and it is a large share of a call's CPU (``bench/README.md``). aiohttp
+        # moves the bytes (``worker.vapi.transport``); the pool limit lives in the transport.
         self._transport = transport or AiohttpTransport(max_connections=max_connections)
 
     def __repr__(self) -> str:

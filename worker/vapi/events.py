@@ -36,7 +36,8 @@ DONE_MARKER: Final = "[DONE]"
 _TEXT_PATH: Final = re.compile(r"chat\.output\[\d+\]\.content")
 
 
-# Not frozen: one is built per delta, and a frozen dataclass's __init__ costs about twice as much.
+# Not frozen: one is built per delta, and a frozen dataclass's __init__ sets every field through
+# ``object.__setattr__``, a slower path (``bench/README.md``).
 @dataclass(slots=True)
 class StreamDelta:
     """A fragment of reply text; ``chat_id`` is what the next turn sends as ``previousChatId``."""

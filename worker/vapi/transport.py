@@ -1,13 +1,13 @@
 """An httpx transport that moves the bytes with aiohttp: the same client, a cheaper wire.
 
 Why: the worker reads hundreds of SSE streams at once, and each event arrives as its own network
-chunk. Through httpx's own stack (httpcore, h11, anyio) one chunk passes about ten Python-level
-async frames; aiohttp parses HTTP with its C parser and hands the chunk over directly. With 200
-streams each sending an event every 50 ms, reading the streams cost ~490 µs of CPU per delta through
-httpx's transport and ~120 µs through this one (``python -m bench``; contended 2-core machine).
-Everything above the wire stays httpx (``httpx.Request`` and ``Response``, headers, status,
-``VapiClient``'s error mapping and deadlines), so the client's behaviour does not change, and tests
-can still hand the client an ``httpx.MockTransport``.
+chunk, so what moving one chunk from the socket to the client costs is paid for every delta.
+Through httpx's own stack (httpcore, h11, anyio) a chunk passes many Python-level async frames;
+aiohttp parses HTTP with its C parser and hands the chunk over directly, for a fraction of the
+CPU (the measurements are in ``bench/README.md``). Everything above the wire stays httpx
+(``httpx.Request`` and ``Response``, headers, status, ``VapiClient``'s error mapping and
+deadlines), so the client's behaviour does not change, and tests can still hand the client an
+``httpx.MockTransport``.
 
 aiohttp's exceptions become httpx's here, at the boundary, as httpcore's do in httpx's transport:
 
