@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1039,8 +1039,10 @@ async def test_a_rebalance_cuts_off_final_responses_kafka_will_not_take_and_none
 
     Within WORKER_REBALANCE_GRACE_S + WORKER_FINISH_TIMEOUT_S the owner cuts the final steps off,
     drops what its producer holds and stops (non-zero, for a restart), long before the group
-    would evict it. Once the topic is back, the joiner answers each request once (nothing of the
-    owner lands late), and the next turns continue from the joiner's answers.
+    would evict it. The joiner answers each request once, and the next turns continue from its
+    answers. It writes its final responses to a topic of its own: a worker cannot start while a
+    topic it needs cannot be created, as the owner's is. The owner's topic, once back, stays empty:
+    nothing of the owner lands late.
     """
     grace, finish = 0.5, 2.0
     env = {"WORKER_REBALANCE_GRACE_S": str(grace), "WORKER_FINISH_TIMEOUT_S": str(finish)}
@@ -1055,9 +1057,8 @@ async def test_a_rebalance_cuts_off_final_responses_kafka_will_not_take_and_none
     first_turns = [f"g{c}-1" for c in range(4)]
     await plan.send(kafka_bootstrap, topics.requests, first_turns)
     await streams_done_finals_retried(owner, simulator, first_turns)
-    # The owner rejoins once more before it leaves: the joiner may get partitions while the topic
-    # is still gone. Its bound outlasts that.
-    joiner = workers.start("joiner", **{**env, "WORKER_FINISH_TIMEOUT_S": "30"})
+    joiner_topics = replace(topics, responses=f"{topics.responses}-joiner")
+    joiner = workers.start("joiner", **env, TOPIC_RESPONSES=joiner_topics.responses)
     bound = grace + finish + EXIT_MARGIN_S
     try:
         await wait_until(lambda: bool(cut_off_lines(owner)), bound, "the owner letting go")
@@ -1072,12 +1073,13 @@ async def test_a_rebalance_cuts_off_final_responses_kafka_will_not_take_and_none
     assert line["final_steps"] == 4, line
     assert line["records_dropped"] >= 1, line
 
-    async with OutputReader(kafka_bootstrap, topics) as reader:
+    async with OutputReader(kafka_bootstrap, joiner_topics) as reader:
         await asyncio.to_thread(joiner.wait_ready, 120)
         await plan.send(kafka_bootstrap, topics.requests, [f"g{c}-2" for c in range(4)])
         await wait_all_answered(reader, plan, 60)
         await asyncio.sleep(2)
         await check_invariants("final-step-rebalance", plan, reader, simulator.calls(), runs=2)
+    assert await read_topic(kafka_bootstrap, topics.responses) == []
 
 
 @pytest.mark.timeout(300)
