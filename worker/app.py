@@ -273,6 +273,8 @@ class Dispatcher:
         self._last_taken: dict[Any, int] = {}
         self._capacity = asyncio.Event()
         self._releasing = False
+        #: True from the end of a release until Faust assigns partitions again.
+        self._between_assignments = False
         self._stream: Any = None
         self._consumer: Any = None
 
@@ -283,8 +285,12 @@ class Dispatcher:
             self._capacity.clear()
             await self._capacity.wait()
         message = event.message
-        if self._releasing:
-            self._forget_message(message)  # redelivered to whoever owns the partition next
+        if self._releasing or self._between_assignments:
+            # Redelivered to whoever owns the partition next. Between a release and the next
+            # assignment no record belongs to this worker: Faust can still hand some over (a
+            # recovery of the revoked assignment ending after the revocation resumes the flow),
+            # and taking them would run them outside any assignment and skip their redelivery.
+            self._forget_message(message)
             return
         if self._taken_before(stream, message):
             return
@@ -512,7 +518,12 @@ class Dispatcher:
             self._metrics.buffered.set(self.scheduler.buffered)
         finally:
             self._releasing = False
+            self._between_assignments = True
         return delivered
+
+    def on_assigned(self) -> None:
+        """Faust assigned partitions: records handed over from now on are taken again."""
+        self._between_assignments = False
 
     async def _let_running_finish(self, until: float, *, finishing_only: bool) -> None:
         """Wait until the started requests (or only those in their final step) end, or ``until``."""
@@ -764,6 +775,11 @@ def build_worker(
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def report_lag() -> None:
         await dispatcher.report_lag(app.consumer, rebalancing=app.rebalancing)
+
+    async def on_assigned(_app: Any, *_args: Any, **_kwargs: Any) -> None:
+        dispatcher.on_assigned()
+
+    app.on_partitions_assigned.connect(cast(Any, on_assigned))
 
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:
