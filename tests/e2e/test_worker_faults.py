@@ -4,7 +4,7 @@ not take, and the secrets.
 Every run is checked by one helper, ``check_invariants``: each request has exactly one final
 response of the expected status (none lost, no duplicates), each conversation's chain of chat ids
 is unbroken in offset order, no request reached the simulator more often than its faults explain
-(twice, or once more for each kill that cut a call of it), and a request recorded as finished
+(twice, or once more for each kill that cut it short), and a request recorded as finished
 before a crash is not sent to the simulator again after it.
 
 One duplicate is allowed, and only under SIGKILL: a request whose response was out before the
@@ -141,9 +141,14 @@ class Evidence:
         return bool(out) and self.recorded.get(rid, float("inf")) >= killed_at
 
     def kills_explaining_a_call(self, rid: str) -> int:
-        """Kills that cut a call of ``rid`` in flight, or fell in its residual window."""
+        """Kills that cut ``rid`` short: after a call of it started and before its response was
+        out (in the stream, or between the stream's end and the response), or in its residual
+        window."""
         return sum(
-            any(c["started_at"] < k <= (c["ended_at"] or math.inf) for c in self.calls[rid])
+            (
+                any(c["started_at"] < k for c in self.calls[rid])
+                and not any(t < k for t in self.published.get(rid, []))
+            )
             or self.in_residual_window(rid, k)
             for k in self.kills
         )
@@ -185,7 +190,7 @@ async def check_invariants(
        from the chat of the turn before (its last answer, the one the table recorded), and each
        response's chat is one the simulator completed for that request.
     3. No request reached the simulator more than twice, or once more than the kills that cut
-       one of its calls, or that fell in its residual window.
+       it short (a call started, the response not out yet) or fell in its residual window.
     4. A request recorded as finished before a kill is not sent to the simulator after it.
     """
     evidence = await gather_evidence(reader, calls, kills)
