@@ -595,6 +595,8 @@ def build_worker(
     async def report_lag() -> None:
         await dispatcher.report_lag(app.consumer)
 
+    metrics.conversations.set_function(lambda: len(table.data))
+
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:
         manual = stream.noack()

@@ -199,6 +199,11 @@ class WorkerMetrics:
             ["partition"],
             registry=registry,
         )
+        self.conversations = Gauge(
+            f"{PREFIX}_conversations",
+            "Conversations in this worker's chat-state table (the partitions it owns).",
+            registry=registry,
+        )
         self.vapi_ready = Gauge(
             f"{PREFIX}_vapi_ready",
             "0 after Vapi rejected the API key (401/403), 1 otherwise (also before any call).",

@@ -34,6 +34,7 @@ CONTRACT = {
     "chat_worker_malformed_events": "counter",
     "chat_worker_consumer_lag": "gauge",
     "chat_worker_vapi_ready": "gauge",
+    "chat_worker_conversations": "gauge",
 }
 
 
