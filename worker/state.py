@@ -2,7 +2,8 @@
 
 One entry per conversation in the ``chat-state`` Faust table (changelog-backed, co-partitioned with
 the request topic): the Vapi chat id the next turn continues from, where in the request topic its
-newest finished request sits, and the ids of recently finished requests. A redelivered request
+newest finished request sits, the ids of recently finished requests, and when its last request
+finished (wall clock), which decides when an idle conversation expires. A redelivered request
 (after a crash or rebalance) is recognised by its position and not sent to Vapi again, however
 many records lie between it and the committed offset; the ids catch a producer that sends the
 same request twice. ``ConversationStore`` is the thin wrapper over the table; everything else is
@@ -76,6 +77,8 @@ class ConversationState:
     session_id: str | None = None
     finished: tuple[str, ...] = field(default=())
     last_finished: SourcePosition | None = None
+    #: When the conversation's last request finished, ms since the epoch; None: not known.
+    last_active_ms: int | None = None
 
     def has_finished(self, request_id: str, source: SourcePosition | None = None) -> bool:
         """True when a final response for this request was already published.
@@ -100,14 +103,18 @@ class ConversationState:
         *,
         keep: int,
         source: SourcePosition | None = None,
+        active_ms: int | None = None,
     ) -> ConversationState:
-        """The state once ``request_id``, read at ``source``, has its final response.
+        """The state once ``request_id``, read at ``source``, got its final response.
+
+        ``active_ms`` is when that happened (wall clock, ms): it becomes ``last_active_ms``.
 
         A failed request keeps the old chat id (``chat_id`` None): the next turn continues from the
         last turn that worked. Only the newest ``keep`` request ids are remembered, which bounds the
         table value. A record past ``last_finished`` moves it forward, keeping the newest
         timestamp; any other record (another partition, or a lower offset that is no redelivery:
-        the topic started over) starts the position afresh. Without ``source`` it stays.
+        the topic started over) starts the position afresh. Without ``source`` it stays, and
+        without ``active_ms`` so does ``last_active_ms``.
         """
         finished = (*self.finished, request_id)[-keep:]
         return ConversationState(
@@ -115,6 +122,7 @@ class ConversationState:
             session_id=session_id if session_id is not None else self.session_id,
             finished=finished,
             last_finished=self._position_after(source),
+            last_active_ms=active_ms if active_ms is not None else self.last_active_ms,
         )
 
     def _position_after(self, source: SourcePosition | None) -> SourcePosition | None:
@@ -133,6 +141,7 @@ class ConversationState:
             "session_id": self.session_id,
             "finished": list(self.finished),
             "last_finished": None if self.last_finished is None else self.last_finished.to_json(),
+            "last_active_ms": self.last_active_ms,
         }
 
     @classmethod
@@ -150,7 +159,31 @@ class ConversationState:
             if isinstance(finished, list)
             else (),
             last_finished=SourcePosition.from_json(value.get("last_finished")),
+            last_active_ms=value_last_active_ms(value),
         )
+
+
+def value_last_active_ms(value: Any) -> int | None:
+    """When a table value's conversation last finished a request; None when it does not say."""
+    if not isinstance(value, dict):
+        return None
+    found = value.get("last_active_ms")
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
+        return None
+    return found
+
+
+def with_last_active(value: Any, default_ms: int) -> Any:
+    """``value`` with ``last_active_ms`` set to ``default_ms`` where it has none (a new dict).
+
+    Values written before the field existed are stamped with the time of their changelog record
+    when they are read back: a value was written when its conversation's last request finished,
+    so the record's time is when that conversation was last active. Other values are returned
+    as they are.
+    """
+    if not isinstance(value, dict) or value_last_active_ms(value) is not None:
+        return value
+    return {**value, "last_active_ms": default_ms}
 
 
 class StateTable(faust.Table[str, Any]):
