@@ -522,6 +522,10 @@ def build_worker(
         # Faust's own web server would expose table contents at /table; ours serves /metrics.
         web_enabled=False,
         store="memory://",
+        # A standby copy is of no use to the memory store: it is dropped at the end of every
+        # recovery (only active partitions are kept), and a partition that comes to this worker
+        # is read from the changelog in full anyway. Meanwhile it held the other workers' tables.
+        table_standby_replicas=0,
         datadir=tempfile.mkdtemp(prefix="vapi-worker-"),
         broker_credentials=_kafka_credentials(settings),
         Table=StateTable,
