@@ -7,6 +7,11 @@ the dict, stale, if the partition ever returned. This store records the partitio
 drops a partition's keys as soon as it is revoked, and (as Faust's store does) drops at the end
 of every recovery the keys of partitions that are not this worker's active ones.
 
+It also knows, per partition it owns, the offset of the newest changelog record it holds (read
+in a recovery or written and acknowledged since): Faust's recovery of a partition that stays
+with this worker across a rebalance reads on from there. Faust's memory store said "nothing
+held", so every rebalance read again everything the worker had written since it started.
+
 Recovery applies changelog records in offset order: a value replaces the key's, a tombstone
 (value None) deletes it. A value written before conversations had a ``last_active_ms`` gets the
 time of its changelog record (``worker.state.with_last_active``).
@@ -27,6 +32,25 @@ from worker.state import with_last_active
 class TableStore(Store[Any, Any]):
     """Faust's in-memory store with every key's partition known (see the module docstring)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: Changelog partitions this worker owns, as of the last rebalance.
+        self._owned: set[int] = set()
+        #: Per owned partition, the offset of the newest changelog record held here.
+        self._offsets: dict[int, int] = {}
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        """The offset of the newest record of ``tp`` held here; None: none held."""
+        return self._offsets.get(tp.partition)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Note an acknowledged write (Faust calls this); ignored for a partition not owned."""
+        self._hold(tp.partition, offset)
+
+    def _hold(self, partition: int, offset: int) -> None:
+        if partition in self._owned and offset > self._offsets.get(partition, -1):
+            self._offsets[partition] = offset
+
     def put(self, key: Any, value: Any, partition: int) -> None:
         """Set ``key`` to ``value``, a key of changelog ``partition``."""
         self.data[key] = value
@@ -46,6 +70,8 @@ class TableStore(Store[Any, Any]):
         gone = set(partitions)
         if not gone:
             return 0
+        for partition in gone:
+            self._offsets.pop(partition, None)
         keys = [key for key, partition in self._key_partition.items() if partition in gone]
         for key in keys:
             self.remove(key)
@@ -61,6 +87,7 @@ class TableStore(Store[Any, Any]):
         for event in batch:
             key = to_key(event.key)
             message = event.message
+            self._hold(message.partition, message.offset)
             if message.value is None:
                 self.remove(key)
                 continue
@@ -77,7 +104,14 @@ class TableStore(Store[Any, Any]):
         """Drop the keys of changelog partitions this worker lost."""
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
         changelog = self.table.changelog_topic.get_topic_name()
+        self._owned = {tp.partition for tp in assigned if tp.topic == changelog}
         self.drop_partitions(tp.partition for tp in revoked if tp.topic == changelog)
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """Drop everything of partitions that are not this worker's active ones."""
+        await super().on_recovery_completed(active_tps, standby_tps)
+        active = {tp.partition for tp in active_tps}
+        self.drop_partitions(set(self._offsets) - active)
 
 
 def _record_ms(message: Any) -> int:

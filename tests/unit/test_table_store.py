@@ -26,6 +26,7 @@ class Message:
     partition: int
     value: bytes | None
     timestamp: float = T0
+    offset: int = 0
 
 
 @dataclass
@@ -37,9 +38,9 @@ class Record:
     message: Message
 
 
-def record(key: str, value: Any, partition: int, timestamp: float = T0) -> Record:
+def record(key: str, value: Any, partition: int, timestamp: float = T0, offset: int = 0) -> Record:
     raw = None if value is None else b"{}"
-    return Record(key, value, Message(partition, raw, timestamp))
+    return Record(key, value, Message(partition, raw, timestamp, offset))
 
 
 @pytest.fixture
@@ -130,3 +131,43 @@ def test_removing_forgets_the_key_and_its_partition(store: TableStore) -> None:
     store.remove("never there")
     assert "c" not in store.data
     assert store.partition_of("c") is None
+
+
+async def own(table: StateTable, *partitions: int) -> str:
+    """Assign these changelog partitions to the store, as a rebalance does; returns the topic."""
+    changelog = table.changelog_topic.get_topic_name()
+    await table.store.on_rebalance({TP(changelog, p) for p in partitions}, set(), set())
+    return changelog
+
+
+async def test_a_kept_partition_is_recovered_from_the_newest_record_held(
+    table: StateTable, store: TableStore
+) -> None:
+    """Faust's memory store held no offsets: every rebalance read a kept partition from its
+    beginning, all the worker had written since it started."""
+    changelog = await own(table, 0, 1)
+    apply(table, *(record(f"c{n}", value(), 0, offset=n) for n in range(5)))
+    store.set_persisted_offset(TP(changelog, 1), 7)  # a write of this worker, acknowledged
+    store.set_persisted_offset(TP(changelog, 1), 6)  # an older ack, arriving late
+    assert store.persisted_offset(TP(changelog, 0)) == 4
+    assert store.persisted_offset(TP(changelog, 1)) == 7
+    assert store.persisted_offset(TP(changelog, 2)) is None
+
+    recovery = table.app.tables.recovery  # type: ignore[attr-defined]
+    for partition in (0, 1, 2):
+        recovery.add_active(table, TP(changelog, partition))
+    assert recovery.active_offsets[TP(changelog, 0)] == 4
+    assert recovery.active_offsets[TP(changelog, 1)] == 7
+    assert recovery.active_offsets[TP(changelog, 2)] is None  # from the beginning
+
+
+async def test_a_revoked_partition_is_recovered_in_full_when_it_comes_back(
+    table: StateTable, store: TableStore
+) -> None:
+    changelog = await own(table, 0, 1)
+    apply(table, record("c", value(), 1, offset=9))
+    await store.on_rebalance({TP(changelog, 0)}, {TP(changelog, 1)}, set())
+    store.set_persisted_offset(TP(changelog, 1), 12)  # an ack that arrives after the revoke
+    assert store.persisted_offset(TP(changelog, 1)) is None
+    await store.on_rebalance({TP(changelog, 0), TP(changelog, 1)}, set(), {TP(changelog, 1)})
+    assert store.persisted_offset(TP(changelog, 1)) is None
