@@ -25,6 +25,7 @@ import faust
 import structlog
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
+from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
@@ -32,6 +33,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError
+from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.messages import (
     ChatDelta,
     ChatRequest,
@@ -230,6 +232,12 @@ class Dispatcher:
             ticket.item.start(ticket)
         self._metrics.buffered.set(self.scheduler.buffered)
 
+    def has_pending(self, partition: int, conversation_id: str) -> bool:
+        """True while a record of the conversation, taken from ``partition``, is unfinished."""
+        return self.scheduler.has_pending(
+            TP(self._settings.topic_requests, partition), conversation_id
+        )
+
     def _taken_before(self, stream: Any, message: Any) -> bool:
         """True for a record Faust hands over twice: the copy is dropped, the original runs on.
 
@@ -335,6 +343,7 @@ class Dispatcher:
             outcome.session_id,
             keep=self._settings.worker_completed_ids_kept,
             source=source,
+            active_ms=round(time.time() * 1000),
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 
@@ -599,7 +608,26 @@ def build_worker(
     async def report_lag() -> None:
         await dispatcher.report_lag(app.consumer)
 
-    metrics.conversations.set_function(lambda: len(table.data))
+    state_table = cast(StateTable, table)
+    metrics.conversations.set_function(lambda: len(state_table.store.data))
+    expiry = ConversationExpiry(
+        state_table,
+        ttl_s=settings.worker_conversation_ttl_s,
+        pending=dispatcher.has_pending,
+        on_expired=metrics.conversations_expired_total.inc,
+    )
+
+    sweep_every_s = sweep_interval_s(settings.worker_conversation_ttl_s)
+
+    @app.timer(interval=sweep_every_s)  # type: ignore[untyped-decorator]
+    async def expire_conversations() -> None:
+        partitions = owned_partitions(app, state_table)
+        if partitions:
+            generation = app.consumer_generation_id
+            await expiry.sweep(
+                partitions,
+                lambda: not app.rebalancing and app.consumer_generation_id == generation,
+            )
 
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:
@@ -608,6 +636,15 @@ def build_worker(
             await dispatcher.take(manual, event)
 
     return Worker(app, settings, dispatcher, metrics, client, handler)
+
+
+def owned_partitions(app: faust.App, table: StateTable) -> set[int]:
+    """The table's changelog partitions this worker actively owns; none while it rebalances or
+    recovers."""
+    if app.rebalancing or not cast(Any, app.tables).recovery.completed.is_set():
+        return set()
+    changelog = table.changelog_topic.get_topic_name()
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == changelog}
 
 
 def _kafka_credentials(settings: Settings) -> Any:

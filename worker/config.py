@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     worker_shutdown_grace_s: float = Field(default=25.0, gt=0)
     worker_rebalance_grace_s: float = Field(default=3.0, ge=0)
 
+    # Conversation state
+    worker_conversation_ttl_s: float = Field(default=604_800.0, gt=0)
+
     # Input limits
     max_input_chars: int = Field(default=32_000, ge=1)
     max_metadata_bytes: int = Field(default=16_384, ge=0)

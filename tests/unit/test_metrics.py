@@ -35,6 +35,7 @@ CONTRACT = {
     "chat_worker_consumer_lag": "gauge",
     "chat_worker_vapi_ready": "gauge",
     "chat_worker_conversations": "gauge",
+    "chat_worker_conversations_expired": "counter",
 }
 
 
