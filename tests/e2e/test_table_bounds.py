@@ -153,11 +153,11 @@ async def test_idle_conversations_are_deleted_by_tombstone_and_not_recovered(
 async def test_a_conversation_with_a_turn_waiting_is_not_expired_under_it(
     kafka_bootstrap: str, topics: Topics, simulator: SimulatorProcess, workers: Workers
 ) -> None:
-    """One request partition, one stream at a time, TTL 3 s. X's first turn finishes; then a
-    slow turn of Y (about 10 s) takes the only slot and X's second turn waits behind it in the
+    """One request partition, one stream at a time, TTL 5 s. X's first turn finishes; then a
+    slow turn of Y (about 15 s) takes the only slot and X's second turn waits behind it in the
     scheduler, past the TTL. X is not deleted meanwhile: its second turn continues its chat."""
     await workers.start_ready(
-        "w", TOPIC_PARTITIONS="1", WORKER_MAX_IN_FLIGHT="1", WORKER_CONVERSATION_TTL_S="3"
+        "w", TOPIC_PARTITIONS="1", WORKER_MAX_IN_FLIGHT="1", WORKER_CONVERSATION_TTL_S="5"
     )
     async with OutputReader(kafka_bootstrap, topics) as reader:
         await produce(kafka_bootstrap, topics.requests, [request_record("x", "x-1", "hi")])
@@ -166,7 +166,7 @@ async def test_a_conversation_with_a_turn_waiting_is_not_expired_under_it(
             kafka_bootstrap,
             topics.requests,
             [
-                request_record("y", "y-1", paced("slow", tokens=50, delay_ms=200)),
+                request_record("y", "y-1", paced("slow", tokens=60, delay_ms=250)),
                 request_record("x", "x-2", "again"),
             ],
         )
@@ -175,7 +175,7 @@ async def test_a_conversation_with_a_turn_waiting_is_not_expired_under_it(
 
     calls = calls_by_request(simulator)
     x1_ended = max(call["ended_at"] for call in calls["x-1"])
-    assert calls["x-2"][0]["started_at"] - x1_ended > 3, "x-2 waited past the TTL"
+    assert calls["x-2"][0]["started_at"] - x1_ended > 5, "x-2 waited past the TTL"
     assert calls["x-2"][0]["previous_chat_id"] == answers["x-1"][0]["chat_id"]
     assert answers["x-2"][0]["status"] == "completed"
 
