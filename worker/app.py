@@ -27,6 +27,7 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 from faust.exceptions import NotReady
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
+from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
@@ -34,6 +35,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError, ProducerClosedError
+from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.failures import stops_the_worker
 from worker.held_records import drop_held_records, flush_within
 from worker.limits import fit_dead_letter
@@ -304,6 +306,12 @@ class Dispatcher:
             ticket.item.start(ticket)
         self._metrics.buffered.set(self.scheduler.buffered)
 
+    def has_pending(self, partition: int, conversation_id: str) -> bool:
+        """True while a record of the conversation, taken from ``partition``, is unfinished."""
+        return self.scheduler.has_pending(
+            TP(self._settings.topic_requests, partition), conversation_id
+        )
+
     def _taken_before(self, stream: Any, message: Any) -> bool:
         """True for a record Faust hands over twice: the copy is dropped, the original runs on.
 
@@ -444,6 +452,7 @@ class Dispatcher:
             outcome.session_id,
             keep=self._settings.worker_completed_ids_kept,
             source=source_position(job.event.message),
+            active_ms=round(time.time() * 1000),
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 
@@ -697,6 +706,10 @@ def build_worker(
         # Faust's own web server would expose table contents at /table; ours serves /metrics.
         web_enabled=False,
         store="memory://",
+        # A standby copy is of no use to the memory store: it is dropped at the end of every
+        # recovery (only active partitions are kept), and a partition that comes to this worker
+        # is read from the changelog in full anyway. Meanwhile it held the other workers' tables.
+        table_standby_replicas=0,
         datadir=tempfile.mkdtemp(prefix="vapi-worker-"),
         broker_credentials=_kafka_credentials(settings),
         Table=StateTable,
@@ -781,6 +794,27 @@ def build_worker(
 
     app.on_partitions_assigned.connect(cast(Any, on_assigned))
 
+    state_table = cast(StateTable, table)
+    metrics.conversations.set_function(lambda: len(state_table.store.data))
+    expiry = ConversationExpiry(
+        state_table,
+        ttl_s=settings.worker_conversation_ttl_s,
+        pending=dispatcher.has_pending,
+        on_expired=metrics.conversations_expired_total.inc,
+    )
+
+    sweep_every_s = sweep_interval_s(settings.worker_conversation_ttl_s)
+
+    @app.timer(interval=sweep_every_s)  # type: ignore[untyped-decorator]
+    async def expire_conversations() -> None:
+        partitions = owned_partitions(app, state_table)
+        if partitions:
+            generation = app.consumer_generation_id
+            await expiry.sweep(
+                partitions,
+                lambda: not app.rebalancing and app.consumer_generation_id == generation,
+            )
+
     @app.agent(requests_topic, name="dispatch")
     async def dispatch(stream: Any) -> None:
         manual = stream.noack()
@@ -788,6 +822,15 @@ def build_worker(
             await dispatcher.take(manual, event)
 
     return Worker(app, settings, dispatcher, metrics, client, handler, publisher)
+
+
+def owned_partitions(app: faust.App, table: StateTable) -> set[int]:
+    """The table's changelog partitions this worker actively owns; none while it rebalances or
+    recovers."""
+    if app.rebalancing or not cast(Any, app.tables).recovery.completed.is_set():
+        return set()
+    changelog = table.changelog_topic.get_topic_name()
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == changelog}
 
 
 def _kafka_credentials(settings: Settings) -> Any:

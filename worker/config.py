@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     worker_rebalance_grace_s: float = Field(default=3.0, ge=0)
     worker_finish_timeout_s: float = Field(default=5.0, gt=0)
 
+    # Conversation state
+    worker_conversation_ttl_s: float = Field(default=604_800.0, gt=0)
+
     # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)
     max_metadata_bytes: int = Field(default=16_384, ge=0)

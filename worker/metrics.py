@@ -203,6 +203,16 @@ class WorkerMetrics:
             ["partition"],
             registry=registry,
         )
+        self.conversations = Gauge(
+            f"{PREFIX}_conversations",
+            "Conversations in this worker's chat-state table (the partitions it owns).",
+            registry=registry,
+        )
+        self.conversations_expired_total = Counter(
+            f"{PREFIX}_conversations_expired_total",
+            "Idle conversations deleted from the chat-state table (tombstone written).",
+            registry=registry,
+        )
         self.vapi_ready = Gauge(
             f"{PREFIX}_vapi_ready",
             "0 after Vapi rejected the API key (401/403), 1 otherwise (also before any call).",

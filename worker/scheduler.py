@@ -155,6 +155,11 @@ class KeyOrderedScheduler(Generic[T]):
             return None
         return state.taken[0]
 
+    def has_pending(self, partition: Hashable, key: str) -> bool:
+        """True while a record of ``key`` from ``partition`` is taken and unfinished."""
+        state = self._partitions.get(partition)
+        return state is not None and key in state.queues
+
     def submit(self, partition: Hashable, offset: int, key: str | None, item: T) -> list[Ticket[T]]:
         """Take a record; returns the tickets to start now: this one if its key and a slot are free.
 

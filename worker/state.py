@@ -2,7 +2,8 @@
 
 One entry per conversation in the ``chat-state`` Faust table (changelog-backed, co-partitioned with
 the request topic): the Vapi chat id the next turn continues from, where in the request topic its
-newest finished request sits, and the ids of recently finished requests. A redelivered request
+newest finished request sits, the ids of recently finished requests, and when its last request
+finished (wall clock), which decides when an idle conversation expires. A redelivered request
 (after a crash or rebalance) is recognised by its position and not sent to Vapi again, however
 many records lie between it and the committed offset; the ids catch a producer that sends the
 same request twice. ``ConversationStore`` is the thin wrapper over the table; everything else is
@@ -11,11 +12,17 @@ pure.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
 from faust.streams import current_event
+from faust.types.stores import StoreT
+
+if TYPE_CHECKING:
+    from worker.table_store import TableStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,8 @@ class ConversationState:
     session_id: str | None = None
     finished: tuple[str, ...] = field(default=())
     last_finished: SourcePosition | None = None
+    #: When the conversation's last request finished, ms since the epoch; None: not known.
+    last_active_ms: int | None = None
 
     def has_finished(self, request_id: str, source: SourcePosition | None = None) -> bool:
         """True when a final response for this request was already published.
@@ -100,14 +109,18 @@ class ConversationState:
         *,
         keep: int,
         source: SourcePosition | None = None,
+        active_ms: int | None = None,
     ) -> ConversationState:
-        """The state once ``request_id``, read at ``source``, has its final response.
+        """The state once ``request_id``, read at ``source``, got its final response.
+
+        ``active_ms`` is when that happened (wall clock, ms): it becomes ``last_active_ms``.
 
         A failed request keeps the old chat id (``chat_id`` None): the next turn continues from the
         last turn that worked. Only the newest ``keep`` request ids are remembered, which bounds the
         table value. A record past ``last_finished`` moves it forward, keeping the newest
         timestamp; any other record (another partition, or a lower offset that is no redelivery:
-        the topic started over) starts the position afresh. Without ``source`` it stays.
+        the topic started over) starts the position afresh. Without ``source`` it stays, and
+        without ``active_ms`` so does ``last_active_ms``.
         """
         finished = (*self.finished, request_id)[-keep:]
         return ConversationState(
@@ -115,6 +128,7 @@ class ConversationState:
             session_id=session_id if session_id is not None else self.session_id,
             finished=finished,
             last_finished=self._position_after(source),
+            last_active_ms=active_ms if active_ms is not None else self.last_active_ms,
         )
 
     def _position_after(self, source: SourcePosition | None) -> SourcePosition | None:
@@ -133,6 +147,7 @@ class ConversationState:
             "session_id": self.session_id,
             "finished": list(self.finished),
             "last_finished": None if self.last_finished is None else self.last_finished.to_json(),
+            "last_active_ms": self.last_active_ms,
         }
 
     @classmethod
@@ -150,11 +165,35 @@ class ConversationState:
             if isinstance(finished, list)
             else (),
             last_finished=SourcePosition.from_json(value.get("last_finished")),
+            last_active_ms=value_last_active_ms(value),
         )
 
 
+def value_last_active_ms(value: Any) -> int | None:
+    """When a table value's conversation last finished a request; None when it does not say."""
+    if not isinstance(value, dict):
+        return None
+    found = value.get("last_active_ms")
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
+        return None
+    return found
+
+
+def with_last_active(value: Any, default_ms: int) -> Any:
+    """``value`` with ``last_active_ms`` set to ``default_ms`` where it has none (a new dict).
+
+    Values written before the field existed are stamped with the time of their changelog record
+    when they are read back: a value was written when its conversation's last request finished,
+    so the record's time is when that conversation was last active. Other values are returned
+    as they are.
+    """
+    if not isinstance(value, dict) or value_last_active_ms(value) is not None:
+        return value
+    return {**value, "last_active_ms": default_ms}
+
+
 class StateTable(faust.Table[str, Any]):
-    """A Faust table with a write that goes to the changelog at once, acknowledged.
+    """A Faust table with writes and deletes that go to the changelog at once, acknowledged.
 
     ``table[key] = value`` only queues the changelog record in Faust's producer buffer, which one
     task drains record by record; under load that lags the write by a second or more. A worker
@@ -162,11 +201,50 @@ class StateTable(faust.Table[str, Any]):
     already out, and answers them twice after restart. ``write_through`` sends the record itself,
     straight to the producer, and returns once the broker has it: the window shrinks to that one
     round trip, right after the response's.
+
+    ``delete_soon`` removes a key and queues its tombstone. A key's records reach its changelog
+    partition in the order they were queued: a write that comes while the key's tombstone is
+    being queued waits for it, so a deleted conversation that comes back is not deleted again
+    by the tombstone on the next recovery.
+
+    Values live in a :class:`~worker.table_store.TableStore`, which knows every key's partition
+    and drops the keys of partitions this worker lost.
     """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: Keys whose tombstone is being queued, with the event set once it is.
+        self._deleting: dict[str, asyncio.Event] = {}
+
+    def _new_store(self) -> StoreT[str, Any]:
+        # Imported here: table_store reads the value format from this module.
+        from worker.table_store import TableStore
+
+        return TableStore(
+            self._store or self.app.conf.store,
+            self.app,
+            self,
+            table_name=self.name,
+            key_type=self.key_type,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            value_type=self.value_type,
+            loop=self.loop,
+            options=self.options,
+        )
+
+    @property
+    def store(self) -> TableStore:
+        """The table's storage."""
+        return cast("TableStore", self.data)
 
     async def write_through(self, key: str, value: Any, partition: int) -> None:
         """Set ``key`` locally and wait until its changelog record is on ``partition``."""
-        self.data[key] = value  # the local copy, without queueing a second changelog record
+        deleting = self._deleting.get(key)
+        if deleting is not None:
+            await deleting.wait()  # the key's tombstone goes first
+        # The local copy, without queueing a second changelog record.
+        self.store.put(key, value, partition)
         sent = await self.changelog_topic.send(
             key=key,
             value=value,
@@ -177,6 +255,30 @@ class StateTable(faust.Table[str, Any]):
             force=True,  # never held back as an attachment until commit
         )
         await sent
+
+    async def delete_soon(self, key: str, partition: int) -> Awaitable[object]:
+        """Delete ``key`` locally now and queue its tombstone on ``partition``.
+
+        Returns once the tombstone is queued; the result resolves when the broker has it.
+        """
+        self.store.remove(key)
+        queued = self._deleting[key] = asyncio.Event()
+        try:
+            return cast(
+                Awaitable[object],
+                await self.changelog_topic.send(
+                    key=key,
+                    value=None,
+                    partition=partition,
+                    key_serializer=self.key_serializer,
+                    value_serializer="raw",  # None stays None: a tombstone
+                    callback=self._on_changelog_sent,
+                    force=True,
+                ),
+            )
+        finally:
+            del self._deleting[key]
+            queued.set()
 
 
 class ConversationStore:

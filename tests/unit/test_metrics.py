@@ -36,6 +36,8 @@ CONTRACT = {
     "chat_worker_vapi_ready": "gauge",
     "chat_worker_broker_reachable": "gauge",
     "chat_worker_vapi_backoff_seconds": "gauge",
+    "chat_worker_conversations": "gauge",
+    "chat_worker_conversations_expired": "counter",
 }
 
 

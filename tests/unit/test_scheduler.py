@@ -189,6 +189,28 @@ def test_revoke_returns_running_tickets_and_drops_waiting_ones() -> None:
     assert sched.pending_offsets("p1") == 0
 
 
+def test_a_key_is_pending_while_a_record_of_it_runs_or_waits() -> None:
+    """What expiry asks before deleting a conversation: running, waiting for a slot, or blocked
+    behind its own running record all count; a finished, unacked one does not."""
+    sched: KeyOrderedScheduler[str] = KeyOrderedScheduler(max_in_flight=1, max_buffered=8)
+    assert not sched.has_pending("p0", "a")
+    a = only(sched.submit("p0", 0, "a", "running"))
+    sched.submit("p0", 1, "b", "waiting for a slot")
+    sched.submit("p0", 2, "a", "blocked behind a")
+    assert sched.has_pending("p0", "a")
+    assert sched.has_pending("p0", "b")
+    assert not sched.has_pending("p1", "a")  # another partition's key of the same name
+    b = only(sched.complete(a).start)
+    assert sched.has_pending("p0", "a")  # its second record still waits
+    a2 = only(sched.complete(b).start)
+    assert not sched.has_pending("p0", "b")
+    sched.complete(a2)
+    assert not sched.has_pending("p0", "a")
+    sched.submit("p0", 3, "c", "revoked")
+    sched.revoke(["p0"])
+    assert not sched.has_pending("p0", "c")
+
+
 def test_complete_after_revoke_is_ignored() -> None:
     """Completing a revoked ticket, even twice, returns nothing and changes no count."""
     sched: KeyOrderedScheduler[str] = KeyOrderedScheduler(max_in_flight=2, max_buffered=8)

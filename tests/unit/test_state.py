@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 
-from worker.state import ConversationState, SourcePosition
+from worker.state import (
+    ConversationState,
+    SourcePosition,
+    value_last_active_ms,
+    with_last_active,
+)
 
 T0 = 1_700_000_000_000  # a record timestamp, ms
 
@@ -126,3 +131,41 @@ def test_an_unreadable_position_reads_as_no_position_known(stored: Any) -> None:
     state = ConversationState.from_json(value)
     assert state.last_finished is None
     assert state.chat_id == "chat1"
+
+
+def test_a_finished_request_stamps_when_the_conversation_was_last_active() -> None:
+    state = ConversationState().after_request("r1", "chat1", None, keep=4, active_ms=T0)
+    assert state.last_active_ms == T0
+    state = state.after_request("r2", None, None, keep=4, active_ms=T0 + 5)  # a failed turn
+    assert state.last_active_ms == T0 + 5
+    assert state.after_request("r3", "c", None, keep=4).last_active_ms == T0 + 5
+
+
+def test_last_active_survives_the_table_format() -> None:
+    state = finish(ConversationState(), range(1, 3)).after_request(
+        "r9", "chat9", None, keep=4, active_ms=T0
+    )
+    assert ConversationState.from_json(state.to_json()) == state
+
+
+@pytest.mark.parametrize("stored", [None, "x", -1, True, 1.5])
+def test_a_value_without_a_readable_last_active_time_reads_as_not_known(stored: Any) -> None:
+    value = {**finish(ConversationState(), range(1, 3)).to_json(), "last_active_ms": stored}
+    assert ConversationState.from_json(value).last_active_ms is None
+    del value["last_active_ms"]  # written before the field existed
+    assert ConversationState.from_json(value).last_active_ms is None
+    assert value_last_active_ms(value) is None
+
+
+def test_a_value_written_before_last_active_existed_takes_its_record_time() -> None:
+    old = {"chat_id": "chat1", "session_id": None, "finished": ["r1"], "last_finished": None}
+    stamped = with_last_active(old, T0)
+    assert stamped == {**old, "last_active_ms": T0}
+    assert "last_active_ms" not in old  # a new dict: the caller's value is not changed
+    assert ConversationState.from_json(stamped).last_active_ms == T0
+
+
+def test_a_value_with_a_last_active_time_keeps_it() -> None:
+    value = ConversationState(chat_id="c", last_active_ms=T0).to_json()
+    assert with_last_active(value, T0 + 99) is value
+    assert with_last_active("junk", T0) == "junk"
