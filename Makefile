@@ -6,9 +6,10 @@ VENV_STAMP := $(VENV)/.installed
 LOCAL_KAFKA := bash scripts/local-kafka.sh
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+TABLE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv kafka-jars kafka-up kafka-down lint test check demo bench
+.PHONY: help venv kafka-jars kafka-up kafka-down lint test check demo bench bench-table
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,3 +45,6 @@ demo: venv kafka-jars ## run the end-to-end demo (scripts/demo.py)
 
 bench: venv kafka-jars ## run the benchmark (python -m bench with BENCH_ARGS=...)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-table: venv kafka-jars ## measure chat-state recovery time and memory (TABLE_ARGS=--conversations N)
+	$(BIN)/python -m bench.table_recovery $(TABLE_ARGS)
