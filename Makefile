@@ -6,6 +6,7 @@ VENV_STAMP := $(VENV)/.installed
 LOCAL_KAFKA := bash scripts/local-kafka.sh
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+TABLE_ARGS ?=
 
 .DEFAULT_GOAL := help
 # The lock files: resolved for Python 3.11 on every platform (the image and CI alike), with hashes.
@@ -13,7 +14,7 @@ LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock" --quiet
 LOCK_ARGS ?=
 
-.PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench
+.PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench bench-table
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,3 +57,6 @@ demo: venv kafka-jars ## run the end-to-end demo (scripts/demo.py)
 
 bench: venv kafka-jars ## run the benchmark (python -m bench with BENCH_ARGS=...)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-table: venv kafka-jars ## measure chat-state recovery time and memory (TABLE_ARGS=--conversations N)
+	$(BIN)/python -m bench.table_recovery $(TABLE_ARGS)
