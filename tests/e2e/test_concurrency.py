@@ -11,7 +11,6 @@ import contextlib
 import itertools
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,6 @@ from tests.e2e.harness import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess().start()
-    yield sim
-    sim.stop()
-
-
-@pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
 
 
 def paced(text: str, *, tokens: int, delay_ms: int, first_ms: int) -> str:

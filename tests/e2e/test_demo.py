@@ -26,11 +26,6 @@ DEMO = ROOT / "scripts" / "demo.py"
 DEMO_TIMEOUT_S = 180
 
 
-@pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
 def _demo_env(bootstrap: str, topics: Topics, **extra: str) -> dict[str, str]:
     """A fresh clone's environment (no Vapi settings) plus the broker and this test's topics."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("VAPI_")}

@@ -30,11 +30,6 @@ EXISTING = 3  # partitions of the request topic made before the worker starts
 
 
 @pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
     sim = SimulatorProcess("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.002")
     sim.start()

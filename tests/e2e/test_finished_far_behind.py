@@ -40,18 +40,6 @@ SLOW = "y-1"
 
 
 @pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess().start()
-    yield sim
-    sim.stop()
-
-
-@pytest.fixture
 def workers(
     kafka_bootstrap: str, topics: Topics, simulator: SimulatorProcess, tmp_path: Path
 ) -> Iterator[Workers]:

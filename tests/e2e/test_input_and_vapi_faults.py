@@ -48,11 +48,6 @@ DLQ_HEADERS = (
 
 
 @pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
     """A fast simulator that answers every call for DENIED_ASSISTANT with 401."""
     sim = SimulatorProcess(*SIM_ARGS, "--fault", f"assistant={DENIED_ASSISTANT}:status code=401")

@@ -38,11 +38,6 @@ PARTITIONS = 4
 
 
 @pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
     sim = SimulatorProcess("--first-token-latency-s", "0", "--inter-token-delay-s", "0").start()
     yield sim

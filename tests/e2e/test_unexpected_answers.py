@@ -31,11 +31,6 @@ SIM_ARGS = ("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.005")
 
 
 @pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
     sim = SimulatorProcess(*SIM_ARGS).start()
     yield sim

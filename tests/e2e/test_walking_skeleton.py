@@ -35,11 +35,6 @@ def simulator() -> Iterator[SimulatorProcess]:
     sim.stop()
 
 
-@pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{name}.json").read_text()))
 

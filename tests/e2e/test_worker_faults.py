@@ -336,18 +336,6 @@ async def wait_all_answered(reader: OutputReader, plan: Plan, timeout_s: float) 
 # --- processes --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def topics(unique_name: str) -> Topics:
-    return Topics.unique(unique_name)
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess().start()
-    yield sim
-    sim.stop()
-
-
 class Workers:
     """Worker processes of one test: started with common settings, all stopped at the end."""
 
