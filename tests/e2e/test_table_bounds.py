@@ -78,18 +78,19 @@ async def topic_config(bootstrap: str, topic: str, name: str) -> str | None:
 
 
 def last_recovery(worker: WorkerProcess) -> tuple[dict[int, int], dict[int, int]]:
-    """The worker's last table recovery, from Faust's log: per changelog partition, its
-    highwater (last offset) and the offset reading started at (-1: its beginning)."""
-    tables: dict[str, dict[int, int]] = {}
+    """The worker's last complete table recovery, from Faust's log: per changelog partition,
+    its highwater (last offset) and the offset reading started at (-1: its beginning). Faust
+    logs the highwater table first; a recovery counts once its start table follows it."""
+    highwaters: dict[int, int] = {}
+    last: tuple[dict[int, int], dict[int, int]] = ({}, {})
     for record in worker.log_records():
         event = str(record.get("event", ""))
-        for title, name in (
-            ("Highwater - Active", "high"),
-            ("Reading Starts At - Active", "start"),
-        ):
-            if title in event:
-                tables[name] = {int(match[1]): int(match[2]) for match in TABLE_ROW.finditer(event)}
-    return tables.get("high", {}), tables.get("start", {})
+        rows = {int(match[1]): int(match[2]) for match in TABLE_ROW.finditer(event)}
+        if "Highwater - Active" in event:
+            highwaters = rows
+        elif "Reading Starts At - Active" in event:
+            last = (highwaters, rows)
+    return last
 
 
 async def test_idle_conversations_are_deleted_by_tombstone_and_not_recovered(
