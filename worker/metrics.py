@@ -13,7 +13,8 @@ as 0 from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_request_duration_seconds         request start → final response published
     chat_worker_queue_wait_seconds               record taken → request started
     chat_worker_delta_publish_seconds            SSE event received → Kafka ack of its delta
-    chat_worker_vapi_responses_total{status}     HTTP status as a string, or "error" (no response)
+    chat_worker_vapi_responses_total{status}     HTTP status as a string, or "error" (no response);
+                                                 VAPI_STATUSES pre-initialised
     chat_worker_retries_total{reason}            see RETRY_REASONS
     chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
     chat_worker_malformed_events_total           SSE events that could not be decoded
@@ -36,6 +37,27 @@ from worker.messages import InvalidReason
 
 #: Values of ``outcome`` on ``chat_worker_requests_total``.
 OUTCOMES: Final = ("completed", "failed", "invalid", "duplicate")
+
+#: Values of ``status`` on ``chat_worker_vapi_responses_total`` exported from the start: the
+#: answers the worker tells apart (docs/design.md §6) and the usual proxy statuses. Any other
+#: status Vapi sends gets its series at its first occurrence, which ``rate()`` cannot see.
+VAPI_STATUSES: Final = (
+    "200",
+    "400",
+    "401",
+    "403",
+    "404",
+    "408",
+    "409",
+    "413",
+    "422",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "error",
+)
 
 #: Values of ``reason`` on ``chat_worker_retries_total``; "other" catches a retryable error of a
 #: kind added later, so the label stays bounded.
@@ -232,6 +254,8 @@ class WorkerMetrics:
         )
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
+        for status in VAPI_STATUSES:
+            self.vapi_responses_total.labels(status=status)
         for reason in RETRY_REASONS:
             self.retries_total.labels(reason=reason)
         for reason in DLQ_REASONS:

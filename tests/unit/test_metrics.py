@@ -10,6 +10,7 @@ from worker.metrics import (
     DLQ_REASONS,
     OUTCOMES,
     RETRY_REASONS,
+    VAPI_STATUSES,
     WorkerMetrics,
     dlq_reason,
     render,
@@ -69,9 +70,14 @@ def test_exports_exactly_the_contracted_families(
 def test_labelled_counters_start_at_zero(
     registry: CollectorRegistry, metrics: WorkerMetrics
 ) -> None:
-    """Every outcome, retry reason and DLQ reason is exported as 0 before anything happens."""
+    """Every outcome, Vapi status, retry reason and DLQ reason is exported as 0 before anything
+    happens, so that rate() sees the first of each (a series born at 1 shows no increase)."""
     for outcome in OUTCOMES:
         assert sample(registry, "chat_worker_requests_total", outcome=outcome) == 0
+    for status in VAPI_STATUSES:
+        assert sample(registry, "chat_worker_vapi_responses_total", status=status) == 0
+    # Every status the worker handles apart: success, auth, rate limit, context reset, 5xx.
+    assert {"200", "400", "401", "403", "404", "429", "500", "503", "error"} <= set(VAPI_STATUSES)
     for reason in RETRY_REASONS:
         assert sample(registry, "chat_worker_retries_total", reason=reason) == 0
     for reason in DLQ_REASONS:
