@@ -20,9 +20,9 @@ The model
 * Across keys, at most ``max_in_flight`` records run at once (``key=None`` records included). A head
   that finds no free slot waits in the *ready* queue. The bound may change while records run
   (``set_max_in_flight``: the fleet share after a rebalance, the limit after a 429): lowered, the
-  running ones finish and nothing starts until fewer than the new bound run. Slots are handed out oldest submission first,
-  so the ready queue is FIFO and a key's next record, once its predecessor finishes, does not queue
-  behind records that were taken after it.
+  running ones finish and nothing starts until fewer than the new bound run. Slots are handed out
+  oldest submission first, so the ready queue is FIFO and a key's next record, once its
+  predecessor finishes, does not queue behind records that were taken after it.
 * ``buffered`` counts records taken and not finished (running, ready or blocked); the caller stops
   taking records while ``has_capacity`` is false (backpressure). Finished records held back by an
   unfinished one are not counted there; ``unacked`` counts them too.

@@ -502,9 +502,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.slots_owed = self.slots_owed or bool(cancelled)
 
     @precondition(
-        lambda self: self.taken_since_drain >= 8
-        and self.max_in_flight > 0
-        and (self.running or not self.slots_owed)
+        lambda self: (
+            self.taken_since_drain >= 8
+            and self.max_in_flight > 0
+            and (self.running or not self.slots_owed)
+        )
     )
     @rule()
     def drain(self) -> None:
