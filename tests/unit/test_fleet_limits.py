@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from worker.aimd import AimdLimit
 from worker.config import Settings
@@ -292,3 +293,21 @@ def test_a_global_stream_limit_below_the_partitions_is_refused() -> None:
         Settings(vapi_global_max_in_flight=4, topic_partitions=8)
     assert Settings(vapi_global_max_in_flight=8, topic_partitions=8).vapi_global_max_in_flight == 8
     assert Settings(vapi_global_max_in_flight=0).vapi_global_max_in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("VAPI_GLOBAL_MAX_IN_FLIGHT", "-1"),
+        ("VAPI_GLOBAL_MAX_IN_FLIGHT", "twelve"),
+        ("VAPI_GLOBAL_REQUESTS_PER_MINUTE", "-5"),
+        ("VAPI_GLOBAL_REQUESTS_PER_MINUTE", "inf"),
+        ("VAPI_GLOBAL_REQUESTS_PER_MINUTE", "nan"),
+    ],
+)
+def test_nonsense_limits_are_refused_by_name(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.lower()):
+        Settings()
