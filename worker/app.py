@@ -37,6 +37,7 @@ from worker.consumer import RewindingConsumer
 from worker.errors import InvalidRequestError, ProducerClosedError
 from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.failures import stops_the_worker
+from worker.fleet_limits import FleetLimits, LimitedVapiClient, follow_assignments
 from worker.held_records import drop_held_records, flush_within
 from worker.limits import fit_dead_letter
 from worker.messages import (
@@ -305,6 +306,11 @@ class Dispatcher:
         for ticket in self.scheduler.submit(message.tp, message.offset, key, job):
             ticket.item.start(ticket)
         self._metrics.buffered.set(self.scheduler.buffered)
+
+    def set_max_in_flight(self, limit: int) -> None:
+        """Run at most ``limit`` requests at once from now on (``worker.fleet_limits``)."""
+        for ticket in self.scheduler.set_max_in_flight(limit):
+            ticket.item.start(ticket)
 
     def has_pending(self, partition: int, conversation_id: str) -> bool:
         """True while a record of the conversation, taken from ``partition``, is unfinished."""
@@ -745,8 +751,16 @@ def build_worker(
         scrub=settings.secrets(),
     )
     publisher = KafkaPublisher(app, settings, also_written=[table.changelog_topic.get_topic_name()])
+    # Fleet limits: every Vapi call goes through them (docs/design.md §3.1).
+    fleet = FleetLimits(
+        local_max_in_flight=settings.worker_max_in_flight,
+        global_max_in_flight=settings.vapi_global_max_in_flight,
+        global_requests_per_minute=settings.vapi_global_requests_per_minute,
+        retry_after_max_s=settings.retry_after_max_s,
+        metrics=metrics,
+    )
     handler = RequestHandler(
-        client,
+        LimitedVapiClient(client, fleet),
         publisher,
         RetryPolicy(
             max_attempts=settings.retry_max_attempts,
@@ -781,6 +795,8 @@ def build_worker(
         on_crash=crash,
     )
     app.dispatcher = dispatcher
+    fleet.on_limit(dispatcher.set_max_in_flight)
+    follow_assignments(app, fleet, settings.topic_requests, settings.topic_partitions)
     app.close_vapi_client = client.aclose
     app.shutdown_grace_s = settings.worker_shutdown_grace_s
     app.rebalance_grace_s = settings.worker_rebalance_grace_s

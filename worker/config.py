@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     vapi_request_timeout_s: float = Field(default=120.0, gt=0)
     vapi_request_deadline_s: float = Field(default=300.0, gt=0)
     vapi_max_connections: int = Field(default=512, ge=1)
+    # Limits of the whole fleet, split by request partition (worker.fleet_shares); 0 = off.
+    vapi_global_max_in_flight: int = Field(default=0, ge=0)
+    vapi_global_requests_per_minute: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     # Retries
     retry_max_attempts: int = Field(default=5, ge=1)
@@ -113,6 +116,18 @@ class Settings(BaseSettings):
             raise ConfigError(f"cannot read VAPI_API_KEY_FILE: {exc.strerror}") from exc
         self.vapi_api_key = SecretStr(key)
         self._key_from_file = True
+        return self
+
+    @model_validator(mode="after")
+    def _check_global_limit(self) -> Settings:
+        limit = self.vapi_global_max_in_flight
+        if 0 < limit < self.topic_partitions:
+            raise ConfigError(
+                f"VAPI_GLOBAL_MAX_IN_FLIGHT ({limit}) is below TOPIC_PARTITIONS "
+                f"({self.topic_partitions}): the limit is split by request partition, so some "
+                "partitions would get no stream at all; set it to 0 (off) or at least "
+                f"{self.topic_partitions}"
+            )
         return self
 
     def secrets(self) -> list[SecretStr]:

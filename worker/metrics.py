@@ -23,6 +23,12 @@ as 0 from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
     chat_worker_broker_reachable                 1 when the last broker metadata request succeeded
     chat_worker_vapi_backoff_seconds             seconds left of the worker-wide pause after a 429
+    chat_worker_concurrency_limit                requests this worker may run at once now: the
+                                                 least of WORKER_MAX_IN_FLIGHT, its fleet share,
+                                                 and the limit 429s cut it to (worker.aimd)
+    chat_worker_fleet_stream_share               its share of VAPI_GLOBAL_MAX_IN_FLIGHT (0: off)
+    chat_worker_fleet_requests_per_minute_share  its share of VAPI_GLOBAL_REQUESTS_PER_MINUTE
+                                                 (0: off)
 """
 
 from __future__ import annotations
@@ -250,6 +256,24 @@ class WorkerMetrics:
         self.vapi_backoff_seconds = Gauge(
             f"{PREFIX}_vapi_backoff_seconds",
             "Seconds left of the pause a 429 put on every Vapi call of this worker (0: none).",
+            registry=registry,
+        )
+        self.concurrency_limit = Gauge(
+            f"{PREFIX}_concurrency_limit",
+            "Requests this worker may run at once now: the least of WORKER_MAX_IN_FLIGHT, its "
+            "share of VAPI_GLOBAL_MAX_IN_FLIGHT and the limit 429s cut it to.",
+            registry=registry,
+        )
+        self.fleet_stream_share = Gauge(
+            f"{PREFIX}_fleet_stream_share",
+            "This worker's share of VAPI_GLOBAL_MAX_IN_FLIGHT, from the request partitions it "
+            "owns (0 when the setting is off).",
+            registry=registry,
+        )
+        self.fleet_requests_per_minute_share = Gauge(
+            f"{PREFIX}_fleet_requests_per_minute_share",
+            "This worker's share of VAPI_GLOBAL_REQUESTS_PER_MINUTE, from the request partitions "
+            "it owns (0 when the setting is off).",
             registry=registry,
         )
         for outcome in OUTCOMES:

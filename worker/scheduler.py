@@ -18,9 +18,11 @@ The model
 * Per ordering key, records run strictly one at a time, in offset order: the key's first pending
   record is its *head*; the others wait behind it (*blocked*).
 * Across keys, at most ``max_in_flight`` records run at once (``key=None`` records included). A head
-  that finds no free slot waits in the *ready* queue. Slots are handed out oldest submission first,
-  so the ready queue is FIFO and a key's next record, once its predecessor finishes, does not queue
-  behind records that were taken after it.
+  that finds no free slot waits in the *ready* queue. The bound may change while records run
+  (``set_max_in_flight``: the fleet share after a rebalance, the limit after a 429): lowered, the
+  running ones finish and nothing starts until fewer than the new bound run. Slots are handed out
+  oldest submission first, so the ready queue is FIFO and a key's next record, once its
+  predecessor finishes, does not queue behind records that were taken after it.
 * ``buffered`` counts records taken and not finished (running, ready or blocked); the caller stops
   taking records while ``has_capacity`` is false (backpressure). Finished records held back by an
   unfinished one are not counted there; ``unacked`` counts them too.
@@ -147,6 +149,17 @@ class KeyOrderedScheduler(Generic[T]):
     def unacked(self) -> int:
         """Records taken and not yet returned for acking (finished ones held back included)."""
         return self._unacked
+
+    def set_max_in_flight(self, max_in_flight: int) -> list[Ticket[T]]:
+        """Change the bound on running tickets; returns the tickets to start now.
+
+        Raised: waiting heads start, oldest submission first. Lowered: running tickets go on, and
+        none starts until fewer than the new bound run. 0 starts nothing.
+        """
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {max_in_flight}")
+        self._max_in_flight = max_in_flight
+        return self._fill()
 
     def pending_offsets(self, partition: Hashable) -> int | None:
         """The lowest unfinished offset of ``partition``, or None when nothing of it is pending."""

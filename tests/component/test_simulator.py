@@ -501,9 +501,19 @@ async def test_stats_and_reset(client: httpx.AsyncClient) -> None:
     await stream_raw(client, chat_body("a"))
     await stream_raw(client, chat_body("b"))
     stats = (await client.get("/_sim/stats")).json()
-    assert stats == {"calls": 2, "streams_in_flight": 0, "peak_streams_in_flight": 1}
+    assert stats == {
+        "calls": 2,
+        "streams_in_flight": 0,
+        "peak_streams_in_flight": 1,
+        "over_limit": 0,
+    }
     reset = (await client.post("/_sim/stats/reset")).json()
-    assert reset == {"calls": 0, "streams_in_flight": 0, "peak_streams_in_flight": 0}
+    assert reset == {
+        "calls": 0,
+        "streams_in_flight": 0,
+        "peak_streams_in_flight": 0,
+        "over_limit": 0,
+    }
 
 
 async def test_delta_times_are_recorded_when_asked() -> None:
@@ -547,6 +557,27 @@ async def test_hundred_concurrent_streams(client: httpx.AsyncClient, sim: Runnin
     stats = (await client.get("/_sim/stats")).json()
     assert stats["peak_streams_in_flight"] == 100
     assert stats["streams_in_flight"] == 0
+
+
+async def test_organisation_limit_answers_429_with_retry_after_over_it() -> None:
+    """With ``max_chats`` the call over the limit gets Vapi's 429 body and a Retry-After; the
+    limit counts calls being answered, so one slot frees when a stream ends."""
+    config = fast_config(max_chats=2, max_chats_retry_after_s=1.5)
+    slow = chat_body("x [[sim:pace first_ms=300 delay_ms=1 tokens=2]]")
+    async with serve_simulator(config) as running, sim_client(running.base_url) as http:
+        first = asyncio.create_task(stream_raw(http, slow))
+        second = asyncio.create_task(stream_raw(http, slow))
+        await asyncio.sleep(0.1)
+        refused = await http.post("/chat", json=chat_body("third"))
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "1.5"
+        assert refused.json()["statusCode"] == 429
+        await asyncio.gather(first, second)
+        fourth, _ = await stream_raw(http, chat_body("fourth"))
+        stats = (await http.get("/_sim/stats")).json()
+    assert fourth.status_code == 200
+    assert (stats["over_limit"], stats["peak_streams_in_flight"]) == (1, 2)
+    assert [call.outcome for call in running.state.calls].count("over_limit") == 1
 
 
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:

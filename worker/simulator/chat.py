@@ -1,7 +1,8 @@
 """``POST /chat``: the one Vapi endpoint the simulator speaks, from auth to the last byte.
 
 Why one module: the order of checks is itself behaviour clients notice, and it is Vapi's order:
-auth (401), body and ``CreateChatDTO`` (400), then the call's faults (so a simulated 429 needs a
+auth (401), body and ``CreateChatDTO`` (400), then the organisation's limit on chats at once
+(429 with ``Retry-After``, when configured), then the call's faults (so a simulated 429 needs a
 valid request), then the conversation context (404 unknown ``previousChatId``/``sessionId``, 400
 other assistant), then the reply, streamed or whole. Every call is recorded, however it ends.
 """
@@ -104,6 +105,8 @@ class ChatHandler:
     def __init__(self, config: SimulatorConfig, state: SimulatorState) -> None:
         self._config = config
         self._state = state
+        #: Calls past the organisation's limit check and not yet answered in full.
+        self._admitted = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Answer one call and record how it went."""
@@ -125,6 +128,22 @@ class ChatHandler:
         self._check_auth(request)
         chat_body = validate_create_chat_body(await self._read_json(request))
         call.note_request(chat_body)
+        limit = self._config.max_chats
+        if limit and self._admitted >= limit:
+            call.status, call.outcome = 429, "over_limit"
+            self._state.stats.over_limit += 1
+            retry_after = f"{self._config.max_chats_retry_after_s:g}"
+            message = f"Simulated organisation limit: {limit} chats at once"
+            return error_response(429, message, {"Retry-After": retry_after})
+        self._admitted += 1
+        try:
+            return await self._answer_admitted(request, call, chat_body)
+        finally:
+            self._admitted -= 1
+
+    async def _answer_admitted(
+        self, request: web.Request, call: CallRecord, chat_body: CreateChatBody
+    ) -> web.StreamResponse:
         try:
             parsed = parse_input(chat_body.input)
         except SpecError as exc:

@@ -42,6 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--done-marker", action="store_true", help="end streams with [DONE]")
     parser.add_argument("--record-delta-times", action="store_true", help="serve /_sim/delta-times")
     parser.add_argument(
+        "--max-chats",
+        type=int,
+        default=defaults.max_chats,
+        help="the organisation's limit on chats at once; over it, 429 (0: none)",
+    )
+    parser.add_argument(
+        "--max-chats-retry-after-s",
+        type=float,
+        default=defaults.max_chats_retry_after_s,
+        help="the Retry-After of a 429 over --max-chats",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         type=_fault_rule,
@@ -61,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         done_marker=args.done_marker,
         record_delta_times=args.record_delta_times,
         faults=list(args.fault),
+        max_chats=args.max_chats,
+        max_chats_retry_after_s=args.max_chats_retry_after_s,
     )
 
 

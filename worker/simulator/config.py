@@ -21,3 +21,7 @@ class SimulatorConfig:
     done_marker: bool = False  # also send `data: [DONE]` before closing
     record_delta_times: bool = False  # keep time.time() of every delta write, for benchmarks
     faults: list[FaultRule] = field(default_factory=list)
+    #: The organisation's limit on chats answered at once (0: none): a call over it gets a 429
+    #: with ``Retry-After: max_chats_retry_after_s``, like Vapi's concurrency limit.
+    max_chats: int = 0
+    max_chats_retry_after_s: float = 1.0

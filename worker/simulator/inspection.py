@@ -6,7 +6,7 @@ without restarting anything. Everything lives under ``/_sim/`` so it cannot be m
 
     GET    /healthz                200 while serving
     GET    /_sim/calls             every /chat call, oldest first      DELETE clears them
-    GET    /_sim/stats             calls, streams_in_flight, peak_streams_in_flight
+    GET    /_sim/stats             calls, streams_in_flight, peak_streams_in_flight, over_limit
     POST   /_sim/stats/reset       zero the call count; the peak restarts from streams open now
     GET    /_sim/delta-times       {chat_id: [time.time() before each delta write]}  DELETE clears
     GET    /_sim/faults            server-wide fault rules             DELETE removes all

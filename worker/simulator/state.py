@@ -121,6 +121,8 @@ class Stats:
     calls: int = 0
     streams_in_flight: int = 0
     peak_streams_in_flight: int = 0
+    #: Calls answered 429 because the organisation's limit (``--max-chats``) was reached.
+    over_limit: int = 0
 
     def stream_opened(self) -> None:
         """Count a stream that started sending."""
@@ -134,6 +136,7 @@ class Stats:
     def reset(self) -> None:
         """Start a new measurement: the peak restarts from the streams open right now."""
         self.calls = 0
+        self.over_limit = 0
         self.peak_streams_in_flight = self.streams_in_flight
 
 
