@@ -345,7 +345,12 @@ class ChatClient:
 
 
 class Follower:
-    """Reads the delta and response topics and yields folded events (``ChatClient.follow``)."""
+    """Reads the delta and response topics and yields folded events (``ChatClient.follow``).
+
+    A record that is not the contract is yielded as ``Unreadable`` when it can be attributed:
+    following everything, or following the conversation its key names. Following one request,
+    such a record names no request and is left out.
+    """
 
     def __init__(
         self,
