@@ -10,10 +10,10 @@
 #
 # The build is reproducible: the base image is named by digest, every Python package is the
 # version requirements.lock pins (hashes checked; `make lock` regenerates it from pyproject.toml),
-# and the project is built with the setuptools of that base image. Stage 1 builds the wheels;
-# stage 2 installs them into a clean slim image without compilers, pip caches or sources, and
-# runs as an unprivileged user. The engine's built-in Dockerfile frontend is used (no `# syntax`
-# image is pulled).
+# and the project and its client distribution (clients/python) are built with the setuptools of
+# that base image. Stage 1 builds the wheels; stage 2 installs them into a clean slim image
+# without compilers, pip caches or sources, and runs as an unprivileged user. The engine's
+# built-in Dockerfile frontend is used (no `# syntax` image is pulled).
 
 # python:3.11-slim-bookworm as of 2026-09-19 (Python 3.11.16), a multi-platform index: the digest
 # docker-library/repo-info lists for that tag (repos/python/remote/3.11-slim-bookworm.md).
@@ -30,6 +30,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY requirements.lock ./
 RUN pip wheel --require-hashes --wheel-dir /wheels -r requirements.lock
+COPY clients/python ./clients/python
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ./clients/python
 COPY pyproject.toml README.md ./
 COPY worker ./worker
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .

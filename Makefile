@@ -11,7 +11,8 @@ TABLE_ARGS ?=
 .DEFAULT_GOAL := help
 # The lock files: resolved for Python 3.11 on every platform (the image and CI alike), with hashes.
 LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
-	--generate-hashes --custom-compile-command "make lock" --quiet
+	--generate-hashes --custom-compile-command "make lock" --quiet \
+	--no-emit-package vapi-stream-client
 LOCK_ARGS ?=
 
 .PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench bench-table
@@ -22,10 +23,12 @@ help: ## list the targets
 venv: $(VENV_STAMP) ## create .venv (with PY=python3): the locked dev dependencies, then the project (again when the lock changes)
 
 # Hash-checked: every package and version comes from requirements-dev.lock; pip fails on anything
-# missing from it. The project itself is built with the locked setuptools.
-$(VENV_STAMP): pyproject.toml requirements-dev.lock
+# missing from it. The project itself and its client distribution (clients/python, which the lock
+# cannot pin: a local path has no hash) are built with the locked setuptools.
+$(VENV_STAMP): pyproject.toml clients/python/pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e clients/python
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -4,7 +4,9 @@ Correctness (any failure fails the bench): every request has exactly one respons
 the deltas of its final attempt arrived in seq order 0..n-1 without gaps or repeats, carry the
 response's chat id, number ``delta_count`` (= the simulator's reply length) and concatenate to the
 response's text; each later turn of a conversation continued from the previous turn's chat; no
-record went to the dead-letter topic and no response names an unknown request.
+record went to the dead-letter topic and no response names an unknown request. For the worker,
+also what a consuming service sees: its deltas and responses folded by the client
+(``StreamFolder``) show each request's response text, once.
 
 Added latency of a delta: the reader's read time minus the simulator's write time of the same
 ``(chat_id, seq)`` (``GET /_sim/delta-times``), for the final attempt's deltas. It is split at the
@@ -19,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from vapi_stream_client import ChatDelta, ChatResponse, Delta, Response, Restart, StreamFolder
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +111,14 @@ def verify(
     sim_calls: Sequence[Mapping[str, Any]],
     delta_times: Mapping[str, Sequence[float]],
     reply_tokens: int,
+    *,
+    contract: bool = True,
 ) -> Verdict:
-    """Check the outputs of one run against its load; measure what they show."""
+    """Check the outputs of one run against its load; measure what they show.
+
+    ``contract``: the outputs are the worker's, complete messages, also read with the client's
+    folding. The baseline agent writes only the fields the other checks read.
+    """
     verdict = Verdict()
     if dead_letters:
         verdict.fail(f"{dead_letters} record(s) went to the dead-letter topic")
@@ -125,6 +135,8 @@ def verify(
                     f"the simulator sends {reply_tokens}"
                 )
     _check_chains(load, final, verdict)
+    if contract:
+        _check_folded(deltas, responses, verdict)
     starts = [call["started_at"] for call in sim_calls if call.get("started_at") is not None]
     verdict.first_call_at = min(starts, default=None)
     verdict.last_response_at = max((at for at, _ in responses), default=None)
@@ -151,6 +163,34 @@ def _group_deltas(
         )
     verdict.mean_delta_bytes = total_bytes / len(deltas) if deltas else 0.0
     return grouped
+
+
+def _check_folded(
+    deltas: Sequence[tuple[float, bytes]],
+    responses: Sequence[tuple[float, dict[str, Any]]],
+    verdict: Verdict,
+) -> None:
+    """Each completed response's text is what the client's folding shows for its request."""
+    folder = StreamFolder(max_requests=max(1, len(responses)))
+    shown: dict[str, str] = defaultdict(str)
+    events = [e for _, raw in deltas for e in folder.on_delta(ChatDelta.model_validate_json(raw))]
+    for _, value in responses:
+        events += folder.on_response(ChatResponse.model_validate(value))
+    for event in events:
+        if isinstance(event, Restart):
+            shown[event.request_id] = ""
+        elif isinstance(event, Delta):
+            shown[event.request_id] += event.text
+        elif isinstance(event, Response) and not _shows_answer(shown, event.response):
+            verdict.fail(
+                f"{event.request_id}: the client's folding shows "
+                f"{shown[event.request_id][:60]!r}..., the response's text is "
+                f"{event.response.text[:60]!r}..."
+            )
+
+
+def _shows_answer(shown: Mapping[str, str], response: ChatResponse) -> bool:
+    return response.status != "completed" or shown[response.request_id] == response.text
 
 
 def _final_responses(

@@ -3,6 +3,10 @@
 The reader is a plain aiokafka consumer (no group) on the output topics from offset 0; it stamps
 each fetched batch with ``time.time()`` and keeps the raw delta bytes, parsing them only after
 the run so that its own CPU use stays small while the worker is measured on the same two cores.
+It does not fold while it reads: ``bench.check`` needs the raw records (a repeated or reordered
+delta is a failure there, which folding would hide), and after the run folds them with the
+client's ``StreamFolder``, as a consuming service would. The topics' partitions come from the
+client (``ChatClient.partitions``).
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from worker.console import assign_all
+from vapi_stream_client import ChatClient
 
 #: How long the broker may hold the reader's fetch while there is no new record.
 READ_WAIT_MS = 20
@@ -115,9 +119,16 @@ class OutputReader:
         self._consumer = consumer
         await consumer.start()
         topics = self._topics
-        await assign_all(
-            consumer, [topics.deltas, topics.responses, topics.dlq], from_beginning=True
-        )
+        partitions: list[TopicPartition] = []
+        async with ChatClient(self._bootstrap) as client:
+            for topic in (topics.deltas, topics.responses, topics.dlq):
+                partitions += [
+                    TopicPartition(topic, p) for p in range(await client.partitions(topic))
+                ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)
         self._task = asyncio.create_task(self._run(consumer))
         return self
 

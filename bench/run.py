@@ -348,6 +348,7 @@ def _measure(
         calls,
         times,
         scenario.reply_tokens,
+        contract=system == "worker",
     )
     if verdict.errors:
         raise BenchFailure(

@@ -1,17 +1,16 @@
 """``make demo``: a two-turn conversation through a real broker, the simulator and one worker.
 
 Starts what is missing (the local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS is set, the
-simulator unless VAPI_API_KEY is set, one worker), renders the output topics live while it sends
-"My name is Alice" and then "What's my name?", checks that the second answer completed and names
-Alice, and stops everything it started, also when it is interrupted or terminated. Exit code 0
-only when the name was remembered.
+simulator unless VAPI_API_KEY is set, one worker), then asks "My name is Alice" and "What's my
+name?" with the client (``ChatClient.ask``), rendering each reply live as it streams, checks that
+the second answer completed and names Alice, and stops everything it started, also when it is
+interrupted or terminated. Exit code 0 only when the name was remembered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -21,17 +20,15 @@ import time
 import uuid
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vapi_stream_client import AskTimeoutError, ChatResponse, FollowEvent  # noqa: E402
 from worker.config import Settings  # noqa: E402
-from worker.console import TailRenderer, assign_all, send_request  # noqa: E402
-from worker.topics import kafka_client_kwargs  # noqa: E402
+from worker.console import TailRenderer, chat_client  # noqa: E402
 
 NAME = "Alice"
 TURNS = (f"My name is {NAME}.", "What's my name?")
@@ -103,8 +100,8 @@ def main() -> int:
         answers = asyncio.run(run_conversation(Settings()))
         remembered = (
             len(answers) == len(TURNS)
-            and answers[-1].get("status") == "completed"
-            and NAME in str(answers[-1].get("text"))
+            and answers[-1].status == "completed"
+            and NAME in answers[-1].text
         )
         say("the assistant remembered the name" if remembered else "the name was NOT remembered")
         return 0 if remembered else 1
@@ -190,61 +187,33 @@ def stop(started: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-async def run_conversation(settings: Settings) -> list[dict[str, Any]]:
-    """Send the turns one after the other, rendering the stream live; return the final responses.
+async def run_conversation(settings: Settings) -> list[ChatResponse]:
+    """Ask the turns one after the other, rendering the stream live; return the final responses.
 
     Stops early when a turn fails or gets no final response within ``TURN_TIMEOUT_S``.
     """
     conversation = f"demo-{uuid.uuid4().hex[:8]}"
-    renderer = TailRenderer(conversation)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        enable_auto_commit=False,
-        group_id=None,
-        **kafka_client_kwargs(settings),
-    )
-    await consumer.start()
-    answers: list[dict[str, Any]] = []
-    try:
-        await assign_all(
-            consumer, [settings.topic_deltas, settings.topic_responses], from_beginning=False
-        )
+    renderer = TailRenderer()
+
+    def show(event: FollowEvent) -> None:
+        sys.stdout.write(renderer.render(event))
+        sys.stdout.flush()
+
+    answers: list[ChatResponse] = []
+    async with chat_client(settings) as client:
         for number, text in enumerate(TURNS, start=1):
             say(f"turn {number}: the user says {text!r}")
-            request_id = await send_request(settings, conversation, text)
-            answer = await follow(consumer, settings, renderer, request_id)
-            if answer is None:
+            try:
+                answer = await client.ask(
+                    conversation, text, on_event=show, timeout_s=TURN_TIMEOUT_S
+                )
+            except AskTimeoutError:
                 say(f"no final response to turn {number} within {TURN_TIMEOUT_S:.0f} s")
                 break
             answers.append(answer)
-            if answer.get("status") != "completed":
+            if answer.status != "completed":
                 break
-    finally:
-        await consumer.stop()
     return answers
-
-
-async def follow(
-    consumer: AIOKafkaConsumer, settings: Settings, renderer: TailRenderer, request_id: str
-) -> dict[str, Any] | None:
-    """Render deltas and responses until the final response to ``request_id``; None on timeout."""
-    deadline = time.monotonic() + TURN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        batch = await consumer.getmany(timeout_ms=200)
-        for tp, records in batch.items():
-            for record in records:
-                value = json.loads(record.value or b"null")
-                if not isinstance(value, dict):
-                    continue
-                if tp.topic == settings.topic_deltas:
-                    sys.stdout.write(renderer.on_delta(value))
-                    continue
-                sys.stdout.write(renderer.on_response(value))
-                if value.get("request_id") == request_id:
-                    sys.stdout.flush()
-                    return dict(value)
-        sys.stdout.flush()
-    return None
 
 
 if __name__ == "__main__":

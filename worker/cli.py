@@ -56,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     stop = tail.add_mutually_exclusive_group()
     stop.add_argument("--until", type=int, help="exit after this many final responses")
     stop.add_argument("--request-id", help="only this request; exit after its final response")
-    tail.add_argument("--json", action="store_true", help="print the raw records as JSON lines")
+    tail.add_argument(
+        "--json",
+        action="store_true",
+        help="print the records (duplicates dropped) and restarts as JSON lines",
+    )
     return parser
 
 

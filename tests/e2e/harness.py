@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import RecordMetadata
 
 from tests.kafka_fixture import create_topics, delete_topics
-from worker.console import assign_all, topic_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_KEY = "sim-test-key-0123456789"
@@ -276,6 +275,37 @@ class UnwritableTopic:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, *, timeout_s: float = 20.0
+) -> list[TopicPartition]:
+    """Every partition of ``topic``, once the consumer's metadata knows it (the tests' own
+    reading, independent of the client distribution the worker's users read with)."""
+    for _ in range(max(1, int(timeout_s / 0.2))):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return [TopicPartition(topic, p) for p in sorted(found)]
+        await consumer._client.force_metadata_update()  # no public refresh
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"topic {topic!r} does not exist")
+
+
+async def assign_all(
+    consumer: AIOKafkaConsumer, topics: list[str], *, from_beginning: bool
+) -> list[TopicPartition]:
+    """Assign every partition of ``topics``, positioned at their beginning (or end) now."""
+    partitions: list[TopicPartition] = []
+    for topic in topics:
+        partitions += await topic_partitions(consumer, topic)
+    consumer.assign(partitions)
+    if from_beginning:
+        await consumer.seek_to_beginning(*partitions)
+    else:
+        await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)
+    return partitions
 
 
 async def produce(

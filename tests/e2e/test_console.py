@@ -28,11 +28,20 @@ def _settings(bootstrap: str, topics: Topics) -> Settings:
 
 
 def _response(request_id: str, conversation: str = "c1") -> tuple[bytes, bytes]:
+    """A completed chat.response.v1 record (tail reads records by the contract)."""
     body = {
         "request_id": request_id,
         "conversation_id": conversation,
+        "chat_id": "chat-1",
+        "previous_chat_id": None,
         "status": "completed",
+        "text": "",
         "delta_count": 1,
+        "attempts": 1,
+        "context_reset": False,
+        "error": None,
+        "timings": {"queued_ms": 0, "first_delta_ms": None, "total_ms": 1},
+        "metadata": None,
     }
     return conversation.encode(), json.dumps(body).encode()
 
@@ -45,6 +54,7 @@ def _delta(request_id: str, text: str, conversation: str = "c1") -> tuple[bytes,
         "attempt": 1,
         "seq": 0,
         "delta": text,
+        "ts": 1.0,
     }
     return conversation.encode(), json.dumps(body).encode()
 

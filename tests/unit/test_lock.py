@@ -23,7 +23,14 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = ROOT / "requirements.lock"
 DEV_LOCK = ROOT / "requirements-dev.lock"
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]
+#: Distributions built from this repository (uv's path sources): no hash can pin them, so the
+#: locks leave them out and make venv and the Dockerfile build them, without dependencies.
+LOCAL = {
+    canonicalize_name(name): ROOT / source["path"]
+    for name, source in PYPROJECT["tool"]["uv"]["sources"].items()
+}
 #: How uv's annotation names a requirement that comes straight from pyproject.toml.
 DIRECT = f"{PROJECT['name']} (pyproject.toml)"
 
@@ -40,7 +47,12 @@ class Pin:
 def pins(path: Path) -> dict[str, Pin]:
     """The lock's entries by canonical name: version, number of hashes, what requires it."""
     found: dict[str, Pin] = {}
-    for entry in re.split(r"\n(?=[A-Za-z0-9])", path.read_text().split("\n", 2)[2]):
+    text = path.read_text()
+    # uv's trailer names what --no-emit-package left out (the LOCAL distributions).
+    body, _, excluded = text.partition("\n# The following packages were excluded from the output:")
+    left_out = {canonicalize_name(line.lstrip("# ")) for line in excluded.strip().splitlines()}
+    assert left_out <= set(LOCAL), f"{path.name} leaves out {left_out}"
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", body.split("\n", 2)[2]):
         head = entry.split("\\", 1)[0].strip()
         match = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)==(\S+)(?: ; .*)?", head)
         assert match, f"{path.name}: not a pinned requirement: {head!r}"
@@ -54,9 +66,18 @@ def pins(path: Path) -> dict[str, Pin]:
 
 
 def requirements(extra: str | None) -> Iterator[Requirement]:
-    """pyproject.toml's dependencies, or those of one extra."""
+    """pyproject.toml's dependencies, or those of one extra; for a local distribution, its own
+    dependencies instead of itself."""
     listed = PROJECT["dependencies"] if extra is None else PROJECT["optional-dependencies"][extra]
-    return (Requirement(text) for text in listed)
+    for text in listed:
+        req = Requirement(text)
+        local = LOCAL.get(canonicalize_name(req.name))
+        if local is None:
+            yield req
+            continue
+        project = tomllib.loads((local / "pyproject.toml").read_text())["project"]
+        assert req.specifier.contains(project["version"]), f"{req}: {local} is {project['version']}"
+        yield from (Requirement(dependency) for dependency in project["dependencies"])
 
 
 LOCKS = [(RUNTIME_LOCK, [None]), (DEV_LOCK, [None, "dev"])]
@@ -92,6 +113,7 @@ def test_the_lock_holds_nothing_pyproject_no_longer_asks_for(
             assert pin.name in direct, f"{lock.name}: {pin.name} is no longer in pyproject.toml"
         # "-c requirements-dev.lock": the runtime lock is resolved within the dev lock's pins.
         parents = {canonicalize_name(v) for v in pin.via if v != DIRECT and not v.startswith("-")}
+        parents -= set(LOCAL)  # built from the repository, not locked
         assert parents <= set(locked), f"{lock.name}: {pin.name} is required by {parents}"
 
 
@@ -122,6 +144,11 @@ def test_make_lock_writes_both_locks_and_make_venv_installs_the_dev_lock() -> No
     assert "requirements-dev.lock" in venv_recipe[1], "the venv is rebuilt when the lock changes"
     assert re.search(r"--require-hashes.*-r requirements-dev\.lock", venv_recipe[2])
     assert re.search(r"--no-deps.*-e \.", venv_recipe[2])
+    for name, local in LOCAL.items():
+        where = local.relative_to(ROOT)
+        assert f"--no-emit-package {name}" in makefile, f"make lock leaves {name} out"
+        assert re.search(rf"--no-deps.*-e {where}$", venv_recipe[2], re.MULTILINE), name
+        assert f"{where}/pyproject.toml" in venv_recipe[1], f"a change to {where} rebuilds the venv"
     assert "make venv" in (ROOT / ".ci" / "run").read_text()
 
 
@@ -135,3 +162,7 @@ def test_the_image_installs_the_runtime_lock_on_a_base_pinned_by_digest() -> Non
     assert re.search(r"--no-deps[^\n]*\.$", dockerfile, flags=re.MULTILINE)
     dockerignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "!requirements.lock" in dockerignore
+    for local in LOCAL.values():
+        where = local.relative_to(ROOT)
+        assert re.search(rf"--no-deps[^\n]*\./{where}$", dockerfile, flags=re.MULTILINE)
+        assert f"!{where}" in dockerignore

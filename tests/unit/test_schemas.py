@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ValidationError
 
-from worker import console
+from vapi_stream_client import folding
 from worker.errors import InvalidRequestError
 from worker.messages import (
     ChatDelta,
@@ -308,7 +308,7 @@ DELTA_KEY_TEXTS = {
     "README.md": lambda: (SCHEMA_DIR.parent / "README.md").read_text("utf-8"),
     "docs/design.md": lambda: (SCHEMA_DIR.parent / "docs/design.md").read_text("utf-8"),
     "ChatDelta": lambda: ChatDelta.__doc__ or "",
-    "worker.console": lambda: console.__doc__ or "",
+    "vapi_stream_client.folding": lambda: folding.__doc__ or "",
 }
 
 

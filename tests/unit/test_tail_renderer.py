@@ -1,68 +1,111 @@
-"""tail's renderer (duplicates dropped, restarted streams shown, one line per conversation,
-one request followed) and its ``--since`` parsing."""
+"""tail's renderer (events of the client's folding in, text out: one line per conversation, a
+restarted stream shown, the final response's status) and its ``--since`` parsing. The folding
+rules themselves are tested in test_client_folding.py."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
+from vapi_stream_client import ChatDelta, ChatResponse, FollowEvent, StreamFolder, Unreadable
 from worker.console import TailRenderer, parse_since
 
 pytestmark = pytest.mark.unit
 
 
-def _delta(seq: int, text: str, *, attempt: int = 1, chat: str = "chat-1") -> dict[str, Any]:
-    return {
-        "request_id": "r1",
-        "conversation_id": "c1",
-        "chat_id": chat,
-        "attempt": attempt,
-        "seq": seq,
-        "delta": text,
-    }
+def _delta(
+    seq: int, text: str, *, attempt: int = 1, chat: str = "chat-1", conversation: str = "c1"
+) -> ChatDelta:
+    return ChatDelta(
+        request_id=f"r-{conversation}",
+        conversation_id=conversation,
+        chat_id=chat,
+        attempt=attempt,
+        seq=seq,
+        delta=text,
+        ts=1.0,
+    )
 
 
-def test_a_redelivered_delta_is_dropped() -> None:
-    """The same (request, attempt, chat, seq) twice renders once."""
-    renderer = TailRenderer()
-    out = renderer.on_delta(_delta(0, "Hi")) + renderer.on_delta(_delta(0, "Hi"))
-    assert out == "[c1] Hi"
+def _response(
+    status: str = "completed", *, conversation: str = "c1", chat: str | None = "chat-1"
+) -> ChatResponse:
+    failed = status == "failed"
+    return ChatResponse.model_validate(
+        {
+            "request_id": f"r-{conversation}",
+            "conversation_id": conversation,
+            "chat_id": None if failed else chat,
+            "previous_chat_id": None,
+            "status": status,
+            "text": "" if failed else "Hi",
+            "delta_count": 0 if failed else 1,
+            "attempts": 1,
+            "context_reset": False,
+            "error": (
+                {
+                    "code": "vapi_timeout",
+                    "message": "no delta",
+                    "retryable": True,
+                    "http_status": None,
+                }
+                if failed
+                else None
+            ),
+            "timings": {"queued_ms": 0, "first_delta_ms": None, "total_ms": 1},
+            "metadata": None,
+        }
+    )
+
+
+def _render(*records: ChatDelta | ChatResponse | Unreadable) -> str:
+    folder, renderer, out = StreamFolder(), TailRenderer(), ""
+    for record in records:
+        events: list[FollowEvent]
+        if isinstance(record, ChatDelta):
+            events = list(folder.on_delta(record))
+        elif isinstance(record, ChatResponse):
+            events = list(folder.on_response(record))
+        else:
+            events = [record]
+        out += "".join(renderer.render(event) for event in events)
+    return out
+
+
+def test_a_redelivered_delta_renders_once() -> None:
+    """The folding drops the copy; the renderer shows the text once."""
+    assert _render(_delta(0, "Hi"), _delta(0, "Hi")) == "[c1] Hi"
 
 
 def test_a_retry_and_a_crash_redelivery_both_show_as_restarted_streams() -> None:
     """A new attempt, or the same attempt number with a new chat id, is marked as a restart."""
-    renderer = TailRenderer()
-    out = renderer.on_delta(_delta(0, "Hel"))
-    out += renderer.on_delta(_delta(0, "Hello", attempt=2, chat="chat-2"))
-    out += renderer.on_delta(_delta(0, "Hello!", attempt=1, chat="chat-3"))
+    out = _render(
+        _delta(0, "Hel"),
+        _delta(0, "Hello", attempt=2, chat="chat-2"),
+        _delta(0, "Hello!", attempt=1, chat="chat-3"),
+    )
     assert out.count("[stream restarted") == 2
     assert out.endswith("Hello!")
 
 
 def test_the_final_response_closes_the_line_with_its_status() -> None:
-    """A completed response ends the conversation's line and names its delta count."""
-    renderer = TailRenderer()
-    renderer.on_delta(_delta(0, "Hi"))
-    out = renderer.on_response(
-        {"request_id": "r1", "conversation_id": "c1", "status": "completed", "delta_count": 1}
-    )
-    assert "completed, 1 deltas" in out
+    """A completed response ends the conversation's line and names its delta count; a failed one
+    names its error."""
+    assert "completed, 1 deltas (request r-c1)" in _render(_delta(0, "Hi"), _response())
+    assert "FAILED vapi_timeout: no delta" in _render(_response("failed"))
 
 
-def test_following_one_request_renders_nothing_of_the_others() -> None:
-    """With a request id, deltas and responses of other requests render as nothing."""
-    renderer = TailRenderer(request_id="r1")
-    other = {**_delta(0, "Other"), "request_id": "r2"}
-    out = renderer.on_delta(other) + renderer.on_delta(_delta(0, "Mine"))
-    out += renderer.on_response(
-        {"request_id": "r2", "conversation_id": "c1", "status": "completed"}
-    )
-    assert out == "[c1] Mine"
-    assert renderer.wants(_delta(1, "x"))
-    assert not renderer.wants(other)
-    assert not renderer.wants(None)
+def test_conversations_take_turns_on_their_own_lines() -> None:
+    """Interleaved conversations each get a line prefixed with their id."""
+    out = _render(_delta(0, "a"), _delta(0, "x", conversation="c2"), _delta(1, "b"))
+    assert out == "[c1] a\n[c2] x\n[c1] b"
+
+
+def test_an_unreadable_record_is_reported_where_it_is() -> None:
+    """A record that is not the contract is named with its topic, partition and offset."""
+    out = _render(Unreadable("chat.deltas", 2, 7, b"c1", "seq: Field required"))
+    assert out == "[unreadable record chat.deltas[2]@7: seq: Field required]\n"
 
 
 @pytest.mark.parametrize(
