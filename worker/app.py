@@ -49,6 +49,7 @@ from worker.messages import (
 )
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, Outcome, RequestHandler
+from worker.reply_check import ReplyChecker
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
 from worker.state import ConversationState, ConversationStore, SourcePosition, StateTable
@@ -765,6 +766,11 @@ def build_worker(
             max_reply_chars=settings.max_reply_chars,
             max_record_bytes=publisher.max_record_bytes,
         ),
+        reply_checker=ReplyChecker(
+            client, metrics, fetch_timeout_s=settings.vapi_first_delta_timeout_s
+        )
+        if settings.vapi_fetch_chat
+        else None,
     )
 
     metrics.watch_backoff(handler.backoff_remaining_s)

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     vapi_request_timeout_s: float = Field(default=120.0, gt=0)
     vapi_request_deadline_s: float = Field(default=300.0, gt=0)
     vapi_max_connections: int = Field(default=512, ge=1)
+    vapi_fetch_chat: bool = True
 
     # Retries
     retry_max_attempts: int = Field(default=5, ge=1)

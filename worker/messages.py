@@ -193,8 +193,25 @@ class Timings(BaseModel):
     total_ms: NonNegativeMs
 
 
+class Cost(BaseModel):
+    """What Vapi billed for a reply: the chat's ``cost`` in USD and its model tokens."""
+
+    model_config = _MODEL_CONFIG
+
+    usd: Annotated[float, Field(ge=0)]
+    prompt_tokens: Annotated[int, Field(ge=0)]
+    completion_tokens: Annotated[int, Field(ge=0)]
+
+
 class ChatResponse(BaseModel):
-    """The outcome of one request, exactly one per ``request_id`` (``chat.response.v1``)."""
+    """The outcome of one request, exactly one per ``request_id`` (``chat.response.v1``).
+
+    ``expired``: the request was not run (no Vapi call), it was too old (``expires_at`` or
+    ``WORKER_REQUEST_MAX_AGE_S``); ``error`` says which. ``cost`` and ``stream_complete`` are
+    set on a completed response whose chat was fetched (``VAPI_FETCH_CHAT``), null otherwise;
+    ``stream_complete`` false means the stream ended before the reply did and ``text`` is
+    Vapi's whole reply, not the deltas.
+    """
 
     model_config = _MODEL_CONFIG
     SCHEMA: ClassVar[str] = RESPONSE_SCHEMA
@@ -203,7 +220,7 @@ class ChatResponse(BaseModel):
     conversation_id: Id
     chat_id: Annotated[str, Field(min_length=1)] | None
     previous_chat_id: Annotated[str, Field(min_length=1)] | None
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "expired"]
     text: str
     delta_count: Annotated[int, Field(ge=0)]
     # 0 when the request failed before Vapi was called (a 429 pause past its deadline, a bug).
@@ -212,11 +229,13 @@ class ChatResponse(BaseModel):
     error: ErrorInfo | None
     timings: Timings
     metadata: dict[str, Any] | None
+    cost: Cost | None = None
+    stream_complete: bool | None = None
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> Self:
-        if self.status == "failed" and self.error is None:
-            raise ValueError("error is required when status is 'failed'")
+        if self.status != "completed" and self.error is None:
+            raise ValueError(f"error is required when status is {self.status!r}")
         if self.status == "completed" and self.error is not None:
             raise ValueError("error must be null when status is 'completed'")
         return self

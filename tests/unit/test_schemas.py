@@ -24,6 +24,7 @@ from worker.messages import (
     ChatDelta,
     ChatRequest,
     ChatResponse,
+    Cost,
     ErrorInfo,
     Timings,
     VapiMessage,
@@ -118,6 +119,36 @@ RESPONSES = [
         timings=TIMINGS,
         metadata=None,
     ),
+    ChatResponse(
+        request_id="r",
+        conversation_id="c",
+        chat_id="x",
+        previous_chat_id=None,
+        status="completed",
+        text="the whole reply",
+        delta_count=1,
+        attempts=1,
+        context_reset=False,
+        error=None,
+        timings=TIMINGS,
+        metadata=None,
+        cost=Cost(usd=0.00042, prompt_tokens=90, completion_tokens=20),
+        stream_complete=False,
+    ),
+    ChatResponse(
+        request_id="r",
+        conversation_id="c",
+        chat_id=None,
+        previous_chat_id=None,
+        status="expired",
+        text="",
+        delta_count=0,
+        attempts=0,
+        context_reset=False,
+        error=ErrorInfo(code="request_expired", message="old", retryable=False, http_status=None),
+        timings=TIMINGS,
+        metadata=None,
+    ),
 ]
 VALID: list[tuple[str, BaseModel]] = [
     *(("chat.request.v1", m) for m in REQUESTS),
@@ -138,6 +169,8 @@ _R = _wire(REQUESTS[1])
 _D = _wire(DELTAS[1])
 _P = _wire(RESPONSES[0])
 _F = _wire(RESPONSES[1])
+_C = _wire(RESPONSES[2])
+_X = _wire(RESPONSES[3])
 _DELETE = object()
 
 INVALID: list[tuple[str, dict[str, Any], str, object]] = [
@@ -189,6 +222,13 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.response.v1", _P, "timings", {"queued_ms": -1, "first_delta_ms": None, "total_ms": 2}),
     ("chat.response.v1", _P, "timings", None),
     ("chat.response.v1", _P, "text", None),
+    ("chat.response.v1", _C, "cost", {"usd": -0.1, "prompt_tokens": 1, "completion_tokens": 1}),
+    ("chat.response.v1", _C, "cost", {"usd": 0.1, "prompt_tokens": 1}),
+    ("chat.response.v1", _C, "cost", {"usd": 0.1, "prompt_tokens": -1, "completion_tokens": 1}),
+    ("chat.response.v1", _C, "cost", 0.1),
+    ("chat.response.v1", _C, "stream_complete", "false"),
+    ("chat.response.v1", _X, "error", None),
+    ("chat.response.v1", _X, "status", "timeout"),
 ]
 
 
