@@ -4,7 +4,7 @@ Why: Vapi's ``/chat`` stream has no end event, so a connection a proxy closed ea
 like a finished reply; and the stream says nothing of what the reply cost. The chat Vapi stored
 (``GET /chat/{id}``) says both. The check never fails a request: a fetch that fails is tried
 again, within the request's deadline and at most ``len(RETRY_DELAYS_S) + 1`` times, then the
-response goes out unchecked (``cost`` and ``stream_complete`` null) (docs/design.md §6.5).
+response goes out unchecked (``cost`` and ``stream_complete`` null) (docs/design.md §11).
 
 Each try is bounded by ``fetch_timeout_s`` (``VAPI_FIRST_DELTA_TIMEOUT_S``: the time Vapi gets to
 start answering a call), and by what is left of the request's deadline.

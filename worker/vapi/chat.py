@@ -1,6 +1,6 @@
 """Pure: what a ``Chat`` object from ``GET /chat/{id}`` says about one reply.
 
-Two things are read from it (docs/design.md §6.5):
+Two things are read from it (docs/design.md §11):
 
 * what the reply cost: the chat's ``cost`` (USD, everything Vapi billed for it) and the token
   counts of its ``costs`` entries of ``type: "model"`` (summed: a squad has one per assistant);
