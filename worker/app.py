@@ -50,6 +50,7 @@ from worker.messages import (
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, Outcome, RequestHandler
 from worker.reply_check import ReplyChecker
+from worker.request_age import request_expiry
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
 from worker.state import ConversationState, ConversationStore, SourcePosition, StateTable
@@ -431,6 +432,8 @@ class Dispatcher:
             self._metrics.requests_total.labels(outcome="duplicate").inc()
             log.info("duplicate request skipped", offset=job.event.message.offset)
             return
+        if await self._expired(job, request):
+            return
         self._metrics.in_flight.inc()
         try:
             outcome = await self._handler.handle(
@@ -440,6 +443,26 @@ class Dispatcher:
             self._metrics.in_flight.dec()
         job.finishing = True
         await self._record(job, request, state, outcome)
+
+    async def _expired(self, job: Job, request: ChatRequest) -> bool:
+        """End a request too old to start with an ``expired`` response; True if it was.
+
+        No Vapi call, and no table write: the conversation's state (chat id, when it was last
+        active) stays as it was. A redelivered copy is judged again, expired again.
+        """
+        err = request_expiry(
+            now_s=time.time(),
+            expires_at=request.expires_at,
+            record_timestamp_s=job.event.message.timestamp,
+            max_age_s=self._settings.worker_request_max_age_s,
+        )
+        if err is None:
+            return False
+        job.finishing = True
+        outcome = self._handler.expire(request, err, queued_at=job.queued_at)
+        await self._handler.publish(outcome, job.trace_headers)
+        job.published = True
+        return True
 
     async def _record(
         self, job: Job, request: ChatRequest, state: ConversationState, outcome: Outcome

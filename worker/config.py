@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # Conversation state
     worker_conversation_ttl_s: float = Field(default=604_800.0, gt=0)
 
+    # What is paid for
+    worker_request_max_age_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
     # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)
     max_metadata_bytes: int = Field(default=16_384, ge=0)

@@ -19,12 +19,16 @@ with ``unknown_schema``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, get_args
 
 import pydantic_core
 from pydantic import (
+    AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -87,6 +91,28 @@ _MODEL_CONFIG: Final = ConfigDict(
 )
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+#: RFC 3339 date-time with an offset (``Z`` or ``±hh:mm``); the schema file has the same pattern.
+RFC3339_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339: Final = re.compile(RFC3339_PATTERN)
+
+
+def _rfc3339(value: object) -> object:
+    """An RFC 3339 string as an aware datetime; a datetime (a Python caller's) as it is."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-30T09:00:00Z")
+    try:
+        return datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not a date-time that exists") from None
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 NonNegativeMs = Annotated[float, Field(ge=0)]
 
 
@@ -133,6 +159,8 @@ class ChatRequest(BaseModel):
     assistant_overrides: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     reset_context: bool = False
+    #: Past this moment the request is not started (``status: "expired"``, no Vapi call).
+    expires_at: Rfc3339 | None = None
     # Optional on the wire (absent means v1); always written by ``encode``.
     schema_: Literal["chat.request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
 

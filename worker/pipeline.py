@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -23,6 +23,7 @@ from worker.coalescing import DeltaCoalescer
 from worker.errors import (
     InternalError,
     ReplyTooLargeError,
+    RequestExpiredError,
     VapiAuthError,
     VapiError,
     VapiRateLimitedError,
@@ -242,6 +243,28 @@ class RequestHandler:
         outcome = self._internal_failure(run, exc)
         if not handled:
             self._record_outcome(run, outcome.response)
+        return outcome
+
+    def expire(
+        self, request: ChatRequest, err: RequestExpiredError, *, queued_at: float
+    ) -> Outcome:
+        """The ``expired`` outcome of a request too old to start (``worker.request_age``).
+
+        No Vapi call is made, and the outcome carries no chat id: the conversation's state is
+        not changed by it.
+        """
+        now = self._clock()
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+        log.info("request expired before it started", message=str(err))
+        outcome = self._failed(run, err, status="expired")
+        self._record_outcome(run, outcome.response)
         return outcome
 
     def _internal_failure(self, run: _Run, exc: Exception) -> Outcome:
@@ -541,14 +564,16 @@ class RequestHandler:
         )
         return Outcome(response, attempt.chat_id, attempt.session_id)
 
-    def _failed(self, run: _Run, err: WorkerError) -> Outcome:
+    def _failed(
+        self, run: _Run, err: WorkerError, status: Literal["failed", "expired"] = "failed"
+    ) -> Outcome:
         request = run.request
         response = ChatResponse(
             request_id=request.request_id,
             conversation_id=request.conversation_id,
             chat_id=None,
             previous_chat_id=run.previous_chat_id,
-            status="failed",
+            status=status,
             text="",
             delta_count=0,
             attempts=run.attempts,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from worker import console
 from worker.errors import InvalidRequestError
 from worker.messages import (
+    RFC3339_PATTERN,
     ChatDelta,
     ChatRequest,
     ChatResponse,
@@ -75,6 +77,7 @@ REQUESTS = [
         assistant_overrides={"variableValues": {"x": 1}},
         metadata={"nested": {"list": [1, 2.5, None]}},
         reset_context=True,
+        expires_at=datetime(2026, 11, 30, 9, 30, tzinfo=timezone(timedelta(hours=-5))),
     ),
 ]
 DELTAS = [
@@ -192,6 +195,10 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.request.v1", _R, "reset_context", None),
     ("chat.request.v1", _R, "schema", "chat.request.v2"),
     ("chat.request.v1", _R, "schema", None),
+    ("chat.request.v1", _R, "expires_at", "2026-11-30T09:00:00"),
+    ("chat.request.v1", _R, "expires_at", "2026-11-30"),
+    ("chat.request.v1", _R, "expires_at", "tomorrow"),
+    ("chat.request.v1", _R, "expires_at", 1764493200),
     ("chat.delta.v1", _D, "attempt", 0),
     ("chat.delta.v1", _D, "attempt", True),
     ("chat.delta.v1", _D, "attempt", 1.5),
@@ -430,3 +437,8 @@ def test_random_edits_are_judged_alike(
         else:
             document[field] = value
     assert _validator(name).is_valid(document) == _model_accepts(MODELS[name], document)
+
+
+def test_expires_at_has_one_pattern_in_the_model_and_the_schema() -> None:
+    """The RFC 3339 rule of ``expires_at`` is written once in each and they are the same."""
+    assert _schema("chat.request.v1")["properties"]["expires_at"]["pattern"] == RFC3339_PATTERN
