@@ -32,9 +32,15 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
 
+from worker.budget import budget_exceeded
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
-from worker.errors import InvalidRequestError, ProducerClosedError
+from worker.errors import (
+    BudgetExceededError,
+    InvalidRequestError,
+    ProducerClosedError,
+    RequestExpiredError,
+)
 from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.failures import stops_the_worker
 from worker.held_records import drop_held_records, flush_within
@@ -432,7 +438,9 @@ class Dispatcher:
             self._metrics.requests_total.labels(outcome="duplicate").inc()
             log.info("duplicate request skipped", offset=job.event.message.offset)
             return
-        if await self._expired(job, request):
+        refusal = self._refusal(job, request, state)
+        if refusal is not None:
+            await self._refuse(job, request, refusal)
             return
         self._metrics.in_flight.inc()
         try:
@@ -444,25 +452,29 @@ class Dispatcher:
         job.finishing = True
         await self._record(job, request, state, outcome)
 
-    async def _expired(self, job: Job, request: ChatRequest) -> bool:
-        """End a request too old to start with an ``expired`` response; True if it was.
-
-        No Vapi call, and no table write: the conversation's state (chat id, when it was last
-        active) stays as it was. A redelivered copy is judged again, expired again.
-        """
-        err = request_expiry(
+    def _refusal(
+        self, job: Job, request: ChatRequest, state: ConversationState
+    ) -> RequestExpiredError | BudgetExceededError | None:
+        """Why the request may not call Vapi: too old to start, or its conversation over budget."""
+        return request_expiry(
             now_s=time.time(),
             expires_at=request.expires_at,
             record_timestamp_s=job.event.message.timestamp,
             max_age_s=self._settings.worker_request_max_age_s,
-        )
-        if err is None:
-            return False
+        ) or budget_exceeded(state.spent_usd, self._settings.worker_conversation_budget_usd)
+
+    async def _refuse(
+        self, job: Job, request: ChatRequest, err: RequestExpiredError | BudgetExceededError
+    ) -> None:
+        """End a request that may not start (too old, or over budget) without calling Vapi.
+
+        No table write: the conversation's state (chat id, spend, when it was last active)
+        stays as it was. A redelivered copy is judged again, and refused again.
+        """
         job.finishing = True
-        outcome = self._handler.expire(request, err, queued_at=job.queued_at)
+        outcome = self._handler.refuse(request, err, queued_at=job.queued_at)
         await self._handler.publish(outcome, job.trace_headers)
         job.published = True
-        return True
 
     async def _record(
         self, job: Job, request: ChatRequest, state: ConversationState, outcome: Outcome
@@ -477,6 +489,7 @@ class Dispatcher:
             keep=self._settings.worker_completed_ids_kept,
             source=source_position(job.event.message),
             active_ms=round(time.time() * 1000),
+            cost_usd=outcome.response.cost.usd if outcome.response.cost is not None else 0.0,
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 

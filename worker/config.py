@@ -76,6 +76,7 @@ class Settings(BaseSettings):
 
     # What is paid for
     worker_request_max_age_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    worker_conversation_budget_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)

@@ -5,6 +5,7 @@
     ├── ConfigError                settings that cannot work together (exit with a message)
     ├── ReplyTooLargeError         Vapi's reply outgrew MAX_REPLY_CHARS or a response record
     ├── RequestExpiredError        a request too old to start (``status: "expired"``, no call)
+    ├── BudgetExceededError        the conversation spent its WORKER_CONVERSATION_BUDGET_USD
     ├── InternalError              anything unplanned in one request's path, a bug included
     ├── ProducerClosedError        Kafka did not take the outputs of a release in time (stop)
     └── VapiError                  anything that went wrong talking to Vapi
@@ -62,6 +63,13 @@ class RequestExpiredError(WorkerError):
     """
 
     code = "request_expired"
+    http_status: int | None = None
+
+
+class BudgetExceededError(WorkerError):
+    """The conversation's spend reached ``WORKER_CONVERSATION_BUDGET_USD``: no more Vapi calls."""
+
+    code = "budget_exceeded"
     http_status: int | None = None
 
 

@@ -21,6 +21,7 @@ import structlog
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
 from worker.errors import (
+    BudgetExceededError,
     InternalError,
     ReplyTooLargeError,
     RequestExpiredError,
@@ -245,10 +246,15 @@ class RequestHandler:
             self._record_outcome(run, outcome.response)
         return outcome
 
-    def expire(
-        self, request: ChatRequest, err: RequestExpiredError, *, queued_at: float
+    def refuse(
+        self,
+        request: ChatRequest,
+        err: RequestExpiredError | BudgetExceededError,
+        *,
+        queued_at: float,
     ) -> Outcome:
-        """The ``expired`` outcome of a request too old to start (``worker.request_age``).
+        """The outcome of a request refused before any call: ``expired`` (too old to start,
+        ``worker.request_age``) or ``failed`` with ``budget_exceeded`` (``worker.budget``).
 
         No Vapi call is made, and the outcome carries no chat id: the conversation's state is
         not changed by it.
@@ -262,8 +268,11 @@ class RequestHandler:
             session_id=None,
             context_reset=False,
         )
-        log.info("request expired before it started", message=str(err))
-        outcome = self._failed(run, err, status="expired")
+        log.info("request refused before any call", error=err.code, message=str(err))
+        status: Literal["failed", "expired"] = (
+            "expired" if isinstance(err, RequestExpiredError) else "failed"
+        )
+        outcome = self._failed(run, err, status=status)
         self._record_outcome(run, outcome.response)
         return outcome
 
