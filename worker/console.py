@@ -202,15 +202,21 @@ class TailRenderer:
         request_id = str(response.get("request_id"))
         self._stream.pop(request_id, None)
         self._seen = {key for key in self._seen if key[0] != request_id}
+        error = response.get("error") or {}
         if response.get("status") == "completed":
             status = f"completed, {response.get('delta_count')} deltas"
             if response.get("context_reset"):
                 status += ", context reset"
+            status += _cost_text(response.get("cost"))
+        elif response.get("status") == "expired":
+            status = f"EXPIRED, not run: {error.get('message')}"
         else:
-            error = response.get("error") or {}
             status = f"FAILED {error.get('code')}: {error.get('message')}"
         out = self._switch_line(conversation) if self._line_owner != conversation else ""
         self._line_owner = None
+        if response.get("stream_complete") is False:
+            # The deltas stopped short of the reply: show the whole of it, from Vapi's chat.
+            out += f"\n  └─ the stream ended early; the whole reply: {response.get('text')}"
         return f"{out}\n  └─ {status} (request {request_id})\n"
 
     def _switch_line(self, conversation: str) -> str:
@@ -219,6 +225,16 @@ class TailRenderer:
         prefix = "\n" if self._line_owner is not None else ""
         self._line_owner = conversation
         return f"{prefix}[{conversation}] "
+
+
+def _cost_text(cost: object) -> str:
+    """``, 0.000215 USD (6 + 20 tokens)`` for a response's ``cost``; nothing when unknown."""
+    if not isinstance(cost, dict) or not isinstance(cost.get("usd"), int | float):
+        return ""
+    return (
+        f", {cost['usd']:.6f} USD "
+        f"({cost.get('prompt_tokens')} + {cost.get('completion_tokens')} tokens)"
+    )
 
 
 async def tail(

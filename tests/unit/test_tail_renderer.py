@@ -51,6 +51,34 @@ def test_the_final_response_closes_the_line_with_its_status() -> None:
     assert "completed, 1 deltas" in out
 
 
+def test_a_response_shows_its_cost_and_the_rest_of_a_short_stream() -> None:
+    """The cost of a reply; Vapi's whole text when the stream ended before the reply did."""
+    renderer = TailRenderer()
+    renderer.on_delta(_delta(0, "Hel"))
+    out = renderer.on_response(
+        {
+            "request_id": "r1",
+            "conversation_id": "c1",
+            "status": "completed",
+            "delta_count": 1,
+            "text": "Hello there",
+            "cost": {"usd": 0.000215, "prompt_tokens": 6, "completion_tokens": 20},
+            "stream_complete": False,
+        }
+    )
+    assert "the stream ended early; the whole reply: Hello there" in out
+    assert "completed, 1 deltas, 0.000215 USD (6 + 20 tokens)" in out
+
+
+def test_an_expired_request_says_so() -> None:
+    renderer = TailRenderer()
+    error = {"code": "request_expired", "message": "the request expired at ..."}
+    out = renderer.on_response(
+        {"request_id": "r1", "conversation_id": "c1", "status": "expired", "error": error}
+    )
+    assert "EXPIRED, not run: the request expired at ..." in out
+
+
 def test_following_one_request_renders_nothing_of_the_others() -> None:
     """With a request id, deltas and responses of other requests render as nothing."""
     renderer = TailRenderer(request_id="r1")
