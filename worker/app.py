@@ -32,9 +32,15 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 from pydantic import SecretStr
 
+from worker.budget import budget_exceeded
 from worker.config import Settings
 from worker.consumer import RewindingConsumer
-from worker.errors import InvalidRequestError, ProducerClosedError
+from worker.errors import (
+    BudgetExceededError,
+    InvalidRequestError,
+    ProducerClosedError,
+    RequestExpiredError,
+)
 from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.failures import stops_the_worker
 from worker.fleet_limits import FleetLimits, LimitedVapiClient, follow_assignments
@@ -50,6 +56,8 @@ from worker.messages import (
 )
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, Outcome, RequestHandler
+from worker.reply_check import ReplyChecker
+from worker.request_age import request_expiry
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.scheduler import KeyOrderedScheduler, Ticket
 from worker.state import ConversationState, ConversationStore, SourcePosition, StateTable
@@ -436,6 +444,10 @@ class Dispatcher:
             self._metrics.requests_total.labels(outcome="duplicate").inc()
             log.info("duplicate request skipped", offset=job.event.message.offset)
             return
+        refusal = self._refusal(job, request, state)
+        if refusal is not None:
+            await self._refuse(job, request, refusal)
+            return
         self._metrics.in_flight.inc()
         try:
             outcome = await self._handler.handle(
@@ -445,6 +457,30 @@ class Dispatcher:
             self._metrics.in_flight.dec()
         job.finishing = True
         await self._record(job, request, state, outcome)
+
+    def _refusal(
+        self, job: Job, request: ChatRequest, state: ConversationState
+    ) -> RequestExpiredError | BudgetExceededError | None:
+        """Why the request may not call Vapi: too old to start, or its conversation over budget."""
+        return request_expiry(
+            now_s=time.time(),
+            expires_at=request.expires_at,
+            record_timestamp_s=job.event.message.timestamp,
+            max_age_s=self._settings.worker_request_max_age_s,
+        ) or budget_exceeded(state.spent_usd, self._settings.worker_conversation_budget_usd)
+
+    async def _refuse(
+        self, job: Job, request: ChatRequest, err: RequestExpiredError | BudgetExceededError
+    ) -> None:
+        """End a request that may not start (too old, or over budget) without calling Vapi.
+
+        No table write: the conversation's state (chat id, spend, when it was last active)
+        stays as it was. A redelivered copy is judged again, and refused again.
+        """
+        job.finishing = True
+        outcome = self._handler.refuse(request, err, queued_at=job.queued_at)
+        await self._handler.publish(outcome, job.trace_headers)
+        job.published = True
 
     async def _record(
         self, job: Job, request: ChatRequest, state: ConversationState, outcome: Outcome
@@ -459,6 +495,7 @@ class Dispatcher:
             keep=self._settings.worker_completed_ids_kept,
             source=source_position(job.event.message),
             active_ms=round(time.time() * 1000),
+            cost_usd=outcome.response.cost.usd if outcome.response.cost is not None else 0.0,
         )
         await self._store.put(request.conversation_id, new_state, job.event)
 
@@ -779,6 +816,11 @@ def build_worker(
             max_reply_chars=settings.max_reply_chars,
             max_record_bytes=publisher.max_record_bytes,
         ),
+        reply_checker=ReplyChecker(
+            client, metrics, fetch_timeout_s=settings.vapi_first_delta_timeout_s
+        )
+        if settings.vapi_fetch_chat
+        else None,
     )
 
     metrics.watch_backoff(handler.backoff_remaining_s)

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     # Limits of the whole fleet, split by request partition (worker.fleet_shares); 0 = off.
     vapi_global_max_in_flight: int = Field(default=0, ge=0)
     vapi_global_requests_per_minute: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    vapi_fetch_chat: bool = True
 
     # Retries
     retry_max_attempts: int = Field(default=5, ge=1)
@@ -75,6 +76,10 @@ class Settings(BaseSettings):
 
     # Conversation state
     worker_conversation_ttl_s: float = Field(default=604_800.0, gt=0)
+
+    # What is paid for
+    worker_request_max_age_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    worker_conversation_budget_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     # Input and output limits
     max_input_chars: int = Field(default=32_000, ge=1)

@@ -35,7 +35,7 @@ from vapi_stream_client import new_request as client_request
 from vapi_stream_client.messages import request_headers as request_headers
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.messages import ChatRequest
+from worker.messages import ChatRequest, Cost
 from worker.topics import kafka_client_kwargs
 
 
@@ -164,11 +164,18 @@ class TailRenderer:
             status = f"completed, {response.delta_count} deltas"
             if response.context_reset:
                 status += ", context reset"
+            status += _cost_text(response.cost)
+        elif response.status == "expired":
+            reason = response.error.message if response.error else "expired"
+            status = f"EXPIRED, not run: {reason}"
         else:
             error = response.error
             status = f"FAILED {error.code}: {error.message}" if error else "FAILED"
         out = self._switch_line(conversation) if self._line_owner != conversation else ""
         self._line_owner = None
+        if response.stream_complete is False:
+            # The deltas stopped short of the reply: show the whole of it, from Vapi's chat.
+            out += f"\n  └─ the stream ended early; the whole reply: {response.text}"
         return f"{out}\n  └─ {status} (request {response.request_id})\n"
 
     def _switch_line(self, conversation: str) -> str:
@@ -206,6 +213,13 @@ def event_json(event: FollowEvent, topics: Topics) -> str:
             }
         }
     return json.dumps(line) + "\n"
+
+
+def _cost_text(cost: Cost | None) -> str:
+    """``, 0.000215 USD (6 + 20 tokens)`` for a response's ``cost``; nothing when unknown."""
+    if cost is None:
+        return ""
+    return f", {cost.usd:.6f} USD ({cost.prompt_tokens} + {cost.completion_tokens} tokens)"
 
 
 async def tail(

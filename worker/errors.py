@@ -4,6 +4,8 @@
     ├── InvalidRequestError        a record on chat.requests cannot be read (goes to the DLQ)
     ├── ConfigError                settings that cannot work together (exit with a message)
     ├── ReplyTooLargeError         Vapi's reply outgrew MAX_REPLY_CHARS or a response record
+    ├── RequestExpiredError        a request too old to start (``status: "expired"``, no call)
+    ├── BudgetExceededError        the conversation spent its WORKER_CONVERSATION_BUDGET_USD
     ├── InternalError              anything unplanned in one request's path, a bug included
     ├── ProducerClosedError        Kafka did not take the outputs of a release in time (stop)
     └── VapiError                  anything that went wrong talking to Vapi
@@ -51,6 +53,23 @@ class ReplyTooLargeError(WorkerError):
     """The reply is longer than ``MAX_REPLY_CHARS``, or its response would not fit a record."""
 
     code = "reply_too_large"
+    http_status: int | None = None
+
+
+class RequestExpiredError(WorkerError):
+    """A request would start after its ``expires_at``, or older than ``WORKER_REQUEST_MAX_AGE_S``.
+
+    It ends with ``status: "expired"`` and no Vapi call; sending it again as it is cannot help.
+    """
+
+    code = "request_expired"
+    http_status: int | None = None
+
+
+class BudgetExceededError(WorkerError):
+    """The conversation's spend reached ``WORKER_CONVERSATION_BUDGET_USD``: no more Vapi calls."""
+
+    code = "budget_exceeded"
     http_status: int | None = None
 
 

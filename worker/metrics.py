@@ -4,7 +4,7 @@ Names are a contract (docs/design.md §12): dashboards, alert rules and the HPA 
 label has a bounded set of values; the sets below are pre-initialised so that each series shows
 as 0 from the first scrape, and ``rate()`` sees the first increment.
 
-    chat_worker_requests_total{outcome}          completed | failed | invalid | duplicate
+    chat_worker_requests_total{outcome}          completed | failed | expired | invalid | duplicate
     chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
     chat_worker_deltas_total                     deltas published to the delta topic
     chat_worker_in_flight                        Vapi streams open now
@@ -42,7 +42,13 @@ from prometheus_client.exposition import generate_latest
 from worker.messages import InvalidReason
 
 #: Values of ``outcome`` on ``chat_worker_requests_total``.
-OUTCOMES: Final = ("completed", "failed", "invalid", "duplicate")
+OUTCOMES: Final = ("completed", "failed", "expired", "invalid", "duplicate")
+
+#: Values of ``kind`` on ``chat_worker_tokens_total``.
+TOKEN_KINDS: Final = ("prompt", "completion")
+
+#: Values of ``result`` on ``chat_worker_reply_checks_total``.
+REPLY_CHECK_RESULTS: Final = ("complete", "incomplete", "unchecked")
 
 #: Values of ``status`` on ``chat_worker_vapi_responses_total`` exported from the start: the
 #: answers the worker tells apart (docs/design.md §6) and the usual proxy statuses. Any other
@@ -276,6 +282,27 @@ class WorkerMetrics:
             "it owns (0 when the setting is off).",
             registry=registry,
         )
+        self.cost_usd_total = Counter(
+            f"{PREFIX}_cost_usd",
+            "USD Vapi billed for completed replies (each chat's cost, from GET /chat/{id}).",
+            registry=registry,
+        )
+        self.tokens_total = Counter(
+            f"{PREFIX}_tokens",
+            "Model tokens of completed replies (the chats' model costs), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.reply_checks_total = Counter(
+            f"{PREFIX}_reply_checks",
+            "Completed replies checked against the chat's output, by result.",
+            ["result"],
+            registry=registry,
+        )
+        for kind in TOKEN_KINDS:
+            self.tokens_total.labels(kind=kind)
+        for result in REPLY_CHECK_RESULTS:
+            self.reply_checks_total.labels(result=result)
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
         for status in VAPI_STATUSES:

@@ -14,15 +14,17 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
 from worker.acks import DeltaAcks
 from worker.coalescing import DeltaCoalescer
 from worker.errors import (
+    BudgetExceededError,
     InternalError,
     ReplyTooLargeError,
+    RequestExpiredError,
     VapiAuthError,
     VapiError,
     VapiRateLimitedError,
@@ -35,12 +37,14 @@ from worker.messages import (
     ChatDelta,
     ChatRequest,
     ChatResponse,
+    Cost,
     ErrorInfo,
     Headers,
     Timings,
     output_headers,
 )
 from worker.metrics import WorkerMetrics
+from worker.reply_check import UNCHECKED, ReplyCheck, ReplyChecker
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.state import ConversationState
 from worker.vapi.events import StreamDelta
@@ -143,8 +147,11 @@ class RequestHandler:
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        reply_checker: ReplyChecker | None = None,
     ) -> None:
         self._client = client
+        #: Fetches each finished stream's chat (cost, completeness); None: ``VAPI_FETCH_CHAT`` off.
+        self._reply_checker = reply_checker
         self._publisher = publisher
         self._policy = policy
         self._backoff = backoff
@@ -239,6 +246,36 @@ class RequestHandler:
             self._record_outcome(run, outcome.response)
         return outcome
 
+    def refuse(
+        self,
+        request: ChatRequest,
+        err: RequestExpiredError | BudgetExceededError,
+        *,
+        queued_at: float,
+    ) -> Outcome:
+        """The outcome of a request refused before any call: ``expired`` (too old to start,
+        ``worker.request_age``) or ``failed`` with ``budget_exceeded`` (``worker.budget``).
+
+        No Vapi call is made, and the outcome carries no chat id: the conversation's state is
+        not changed by it.
+        """
+        now = self._clock()
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+        log.info("request refused before any call", error=err.code, message=str(err))
+        status: Literal["failed", "expired"] = (
+            "expired" if isinstance(err, RequestExpiredError) else "failed"
+        )
+        outcome = self._failed(run, err, status=status)
+        self._record_outcome(run, outcome.response)
+        return outcome
+
     def _internal_failure(self, run: _Run, exc: Exception) -> Outcome:
         """End the request on an exception nobody planned for: logged with its traceback, counted.
 
@@ -288,7 +325,19 @@ class RequestHandler:
                 continue
             self._metrics.vapi_responses_total.labels(status="200").inc()
             self._set_auth(ok=True)
-            return self._completed(run, attempt)
+            check = await self._check_reply(run, attempt, deadline)
+            return self._completed(run, attempt, check)
+
+    async def _check_reply(self, run: _Run, attempt: _Attempt, deadline: float) -> ReplyCheck:
+        """The chat's cost, and whether the stream was all of it (``worker.reply_check``)."""
+        if self._reply_checker is None or attempt.chat_id is None:
+            return UNCHECKED
+        return await self._reply_checker.check(
+            attempt.chat_id,
+            "".join(attempt.parts),
+            request_id=run.request.request_id,
+            deadline=deadline,
+        )
 
     def _set_auth(self, *, ok: bool) -> None:
         if ok != self.auth_ok:
@@ -487,32 +536,53 @@ class RequestHandler:
             total_ms=round((self._clock() - run.started) * 1000, 3),
         )
 
-    def _completed(self, run: _Run, attempt: _Attempt) -> Outcome:
+    def _completed(self, run: _Run, attempt: _Attempt, check: ReplyCheck = UNCHECKED) -> Outcome:
         request = run.request
+        # An incomplete stream's response carries Vapi's whole text; the chat id is chained as
+        # for any completed reply: Vapi's chat is whole, and the next turn continues from it.
+        text = "".join(attempt.parts) if check.vapi_text is None else check.vapi_text
+        if len(text) > self._settings.max_reply_chars:
+            err = ReplyTooLargeError(
+                f"Vapi's reply is longer than MAX_REPLY_CHARS ({self._settings.max_reply_chars} "
+                "characters)"
+            )
+            log.warning("request failed", error=err.code, message=str(err))
+            return self._failed(run, err)
+        cost = check.cost
         response = ChatResponse(
             request_id=request.request_id,
             conversation_id=request.conversation_id,
             chat_id=attempt.chat_id,
             previous_chat_id=run.previous_chat_id,
             status="completed",
-            text="".join(attempt.parts),
+            text=text,
             delta_count=attempt.seq,
             attempts=run.attempts,
             context_reset=run.context_reset,
             error=None,
             timings=self._timings(run),
             metadata=request.metadata,
+            cost=None
+            if cost is None
+            else Cost(
+                usd=cost.usd,
+                prompt_tokens=cost.prompt_tokens,
+                completion_tokens=cost.completion_tokens,
+            ),
+            stream_complete=check.stream_complete,
         )
         return Outcome(response, attempt.chat_id, attempt.session_id)
 
-    def _failed(self, run: _Run, err: WorkerError) -> Outcome:
+    def _failed(
+        self, run: _Run, err: WorkerError, status: Literal["failed", "expired"] = "failed"
+    ) -> Outcome:
         request = run.request
         response = ChatResponse(
             request_id=request.request_id,
             conversation_id=request.conversation_id,
             chat_id=None,
             previous_chat_id=run.previous_chat_id,
-            status="failed",
+            status=status,
             text="",
             delta_count=0,
             attempts=run.attempts,

@@ -13,6 +13,7 @@ pure.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -85,6 +86,8 @@ class ConversationState:
     last_finished: SourcePosition | None = None
     #: When the conversation's last request finished, ms since the epoch; None: not known.
     last_active_ms: int | None = None
+    #: USD Vapi billed for the conversation's completed replies (for its budget).
+    spent_usd: float = 0.0
 
     def has_finished(self, request_id: str, source: SourcePosition | None = None) -> bool:
         """True when a final response for this request was already published.
@@ -110,6 +113,7 @@ class ConversationState:
         keep: int,
         source: SourcePosition | None = None,
         active_ms: int | None = None,
+        cost_usd: float = 0.0,
     ) -> ConversationState:
         """The state once ``request_id``, read at ``source``, got its final response.
 
@@ -120,7 +124,8 @@ class ConversationState:
         table value. A record past ``last_finished`` moves it forward, keeping the newest
         timestamp; any other record (another partition, or a lower offset that is no redelivery:
         the topic started over) starts the position afresh. Without ``source`` it stays, and
-        without ``active_ms`` so does ``last_active_ms``.
+        without ``active_ms`` so does ``last_active_ms``. ``cost_usd`` (what the reply cost) adds
+        to ``spent_usd``; nothing, ``reset_context`` included, takes from it.
         """
         finished = (*self.finished, request_id)[-keep:]
         return ConversationState(
@@ -129,6 +134,7 @@ class ConversationState:
             finished=finished,
             last_finished=self._position_after(source),
             last_active_ms=active_ms if active_ms is not None else self.last_active_ms,
+            spent_usd=self.spent_usd + cost_usd,
         )
 
     def _position_after(self, source: SourcePosition | None) -> SourcePosition | None:
@@ -148,6 +154,7 @@ class ConversationState:
             "finished": list(self.finished),
             "last_finished": None if self.last_finished is None else self.last_finished.to_json(),
             "last_active_ms": self.last_active_ms,
+            "spent_usd": self.spent_usd,
         }
 
     @classmethod
@@ -166,7 +173,15 @@ class ConversationState:
             else (),
             last_finished=SourcePosition.from_json(value.get("last_finished")),
             last_active_ms=value_last_active_ms(value),
+            spent_usd=_spent_usd(value.get("spent_usd")),
         )
+
+
+def _spent_usd(value: Any) -> float:
+    """A stored spend; anything unreadable (or a value written before the field) is 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) and value >= 0 else 0.0
 
 
 def value_last_active_ms(value: Any) -> int | None:

@@ -29,6 +29,7 @@ from worker.limits import MAX_DELTA_TEXT_BYTES, json_text_bytes
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
 from worker.pipeline import DELTA_COUNT_BATCH, ChatStreamer, HandlerSettings, RequestHandler
+from worker.reply_check import ReplyChecker
 from worker.retry import RetryPolicy, SharedBackoff
 from worker.simulator.server import RunningSimulator, SimulatorConfig, serve_simulator
 from worker.state import ConversationState
@@ -203,6 +204,7 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
             max_record_bytes: int = 1_000_000,
             wrap_client: Callable[[VapiClient], ChatStreamer] | None = None,
             publisher: RecordingPublisher | None = None,
+            fetch_chat: bool = False,
         ) -> Rig:
             metrics = WorkerMetrics(CollectorRegistry())
             client = await stack.enter_async_context(
@@ -232,6 +234,15 @@ async def make_rig(sim: RunningSimulator) -> AsyncIterator[MakeRig]:
                 clock=fake_time.clock,
                 sleep=fake_time.sleep,
                 rng=rng or random.Random(7),
+                reply_checker=ReplyChecker(
+                    client,
+                    metrics,
+                    fetch_timeout_s=timeouts.first_delta_s,
+                    clock=fake_time.clock,
+                    sleep=fake_time.sleep,
+                )
+                if fetch_chat
+                else None,
             )
             return Rig(handler, publisher, metrics, fake_time, sim)
 
@@ -721,6 +732,32 @@ async def test_a_reply_of_exactly_max_reply_chars_completes(make_rig: MakeRig) -
     response = await rig.run("[[sim:pace tokens=3 token_chars=300]] go")
     _assert_completed(rig, response, attempts=1)
     assert len(response.text) == 900
+
+
+async def test_a_short_stream_is_completed_with_vapis_text_and_its_cost(make_rig: MakeRig) -> None:
+    """A stream that ends cleanly half-way: the response carries the chat's whole reply."""
+    rig = await make_rig(fetch_chat=True)
+    response = await rig.run("[[sim:fault truncate after=2]] go")
+    assert response.status == "completed", response.error
+    assert response.stream_complete is False
+    assert response.text == rig.reply_of(response)
+    assert "".join(d.delta for d in rig.publisher.deltas_of("req-1", 1)) == "Reply to: "
+    assert response.delta_count == 2
+    assert response.cost is not None
+    assert response.cost.usd > 0
+    assert rig.calls("req-1") == [(1, 200)], "the reply is not asked for again"
+
+
+async def test_vapis_text_over_max_reply_chars_fails_with_reply_too_large(
+    make_rig: MakeRig,
+) -> None:
+    """The limit holds for Vapi's text too: a truncated stream whose chat is too long fails."""
+    rig = await make_rig(fetch_chat=True, max_reply_chars=1000)
+    response = await rig.run("[[sim:pace tokens=5 token_chars=300]] [[sim:fault truncate after=2]]")
+    assert response.status == "failed"
+    assert response.error is not None
+    assert response.error.code == "reply_too_large"
+    assert response.chat_id is None, "the conversation stays on its last turn that fitted"
 
 
 async def test_a_huge_event_is_split_into_deltas_within_the_bound(make_rig: MakeRig) -> None:

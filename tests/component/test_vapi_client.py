@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 
 from worker.errors import (
@@ -498,3 +499,69 @@ async def test_connect_timeout_maps_to_the_connect_phase() -> None:
         _, error = await _collect(vapi, "hi")
     assert isinstance(error, VapiTimeoutError)
     assert error.phase == "connect"
+
+
+# --- GET /chat/{id} --------------------------------------------------------------------------
+
+
+async def test_fetch_chat_returns_the_chat_the_stream_made(vapi: VapiClient) -> None:
+    """The fetched chat is the streamed one: same id, the whole reply, its cost."""
+    deltas, error = await _collect(vapi, "hello there")
+    assert error is None
+    chat = await vapi.fetch_chat(deltas[0].chat_id, request_id="req-1", timeout_s=5)
+    assert isinstance(chat, dict)
+    assert chat["id"] == deltas[0].chat_id
+    assert chat["output"][0]["content"] == "".join(d.delta for d in deltas)
+    assert chat["cost"] > 0
+
+
+async def test_fetch_chat_maps_statuses_to_vapi_errors(vapi: VapiClient) -> None:
+    """An unknown chat is a 404 status error; a fetch fault's 503 too; a wrong key is auth."""
+    with pytest.raises(VapiStatusError) as missing:
+        await vapi.fetch_chat("chat_missing", request_id="r", timeout_s=5)
+    assert missing.value.http_status == 404
+    deltas, _ = await _collect(vapi, "hi [[sim:fault fetch code=503]]")
+    with pytest.raises(VapiStatusError) as unavailable:
+        await vapi.fetch_chat(deltas[0].chat_id, request_id="r", timeout_s=5)
+    assert unavailable.value.http_status == 503
+
+
+async def test_fetch_chat_with_a_wrong_key_is_an_auth_error(sim: RunningSimulator) -> None:
+    async with VapiClient(sim.base_url, SecretStr("wrong"), ROOMY) as wrong:
+        with pytest.raises(VapiAuthError):
+            await wrong.fetch_chat("chat_x", request_id="r", timeout_s=5)
+
+
+async def test_fetch_chat_is_bounded_by_its_timeout() -> None:
+    """A server that accepts and never answers: VapiTimeoutError(phase="fetch") on time."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        async with VapiClient(f"http://127.0.0.1:{port}", SecretStr(KEY), ROOMY) as silent:
+            started = time.monotonic()
+            with pytest.raises(VapiTimeoutError) as timeout:
+                await silent.fetch_chat("chat_x", request_id="r", timeout_s=0.3)
+            assert timeout.value.phase == "fetch"
+            assert time.monotonic() - started < 3
+
+
+async def test_fetch_chat_refuses_a_body_that_is_not_a_json_object() -> None:
+    """A 200 whose body is not a JSON object is a protocol error, not a crash."""
+    app = web.Application()
+
+    async def not_json(_: web.Request) -> web.Response:
+        return web.Response(text="[1, 2]", content_type="application/json")
+
+    app.router.add_get("/chat/{id}", not_json)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with VapiClient(f"http://127.0.0.1:{port}", SecretStr(KEY), ROOMY) as odd:
+            with pytest.raises(VapiProtocolError):
+                await odd.fetch_chat("chat_x", request_id="r", timeout_s=5)
+    finally:
+        await runner.cleanup()

@@ -921,7 +921,8 @@ def test_dashboard_text_mentions_only_exported_metrics() -> None:
 
 
 def test_dashboard_has_the_required_panels() -> None:
-    """Outcomes, deltas, in flight, latency quantiles, statuses, retries, lag and DLQ are shown."""
+    """Outcomes, deltas, in flight, latency quantiles, statuses, retries, lag, DLQ and spend are
+    shown."""
     used = {
         name for _, target in dashboard_targets() for name in METRIC_NAME.findall(target["expr"])
     }
@@ -935,7 +936,15 @@ def test_dashboard_has_the_required_panels() -> None:
         "chat_worker_retries_total",
         "chat_worker_consumer_lag",
         "chat_worker_dlq_total",
+        "chat_worker_cost_usd_total",
+        "chat_worker_tokens_total",
+        "chat_worker_reply_checks_total",
     } <= used
+    spend = [target["expr"] for title, target in dashboard_targets() if title.startswith("Spend")]
+    assert spend == [
+        'sum(rate(chat_worker_cost_usd_total{namespace="$namespace", job="$job"}'
+        "[$__rate_interval])) * 60"
+    ]
     quantiles = {
         target["legendFormat"]
         for title, target in dashboard_targets()

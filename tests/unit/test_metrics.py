@@ -9,8 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from worker.metrics import (
     DLQ_REASONS,
     OUTCOMES,
+    REPLY_CHECK_RESULTS,
     RETRY_REASONS,
     VAPI_STATUSES,
+    TOKEN_KINDS,
     WorkerMetrics,
     dlq_reason,
     render,
@@ -42,6 +44,9 @@ CONTRACT = {
     "chat_worker_concurrency_limit": "gauge",
     "chat_worker_fleet_stream_share": "gauge",
     "chat_worker_fleet_requests_per_minute_share": "gauge",
+    "chat_worker_cost_usd": "counter",
+    "chat_worker_tokens": "counter",
+    "chat_worker_reply_checks": "counter",
 }
 
 
@@ -85,6 +90,11 @@ def test_labelled_counters_start_at_zero(
         assert sample(registry, "chat_worker_retries_total", reason=reason) == 0
     for reason in DLQ_REASONS:
         assert sample(registry, "chat_worker_dlq_total", reason=reason) == 0
+    for kind in TOKEN_KINDS:
+        assert sample(registry, "chat_worker_tokens_total", kind=kind) == 0
+    for result in REPLY_CHECK_RESULTS:
+        assert sample(registry, "chat_worker_reply_checks_total", result=result) == 0
+    assert sample(registry, "chat_worker_cost_usd_total") == 0
 
 
 def test_vapi_backoff_is_read_from_the_gate_at_each_scrape(
@@ -106,7 +116,7 @@ def test_vapi_ready_starts_at_one(registry: CollectorRegistry, metrics: WorkerMe
 
 def test_outcomes_and_retry_reasons_match_the_contract() -> None:
     """The label sets are the ones dashboards and the pipeline use."""
-    assert set(OUTCOMES) == {"completed", "failed", "invalid", "duplicate"}
+    assert set(OUTCOMES) == {"completed", "failed", "expired", "invalid", "duplicate"}
     assert {
         "rate_limited",
         "server_error",

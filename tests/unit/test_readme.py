@@ -39,6 +39,8 @@ def test_documented_defaults_match_the_settings_model() -> None:
         shown = default.strip().strip("`")
         if value in (None, []):
             assert shown == NO_DEFAULT, name
+        elif isinstance(value, bool):
+            assert shown == str(value).lower(), name  # as the environment spells it
         else:
             assert shown == str(value), name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from pydantic import BaseModel, ValidationError
 from vapi_stream_client import folding
 from worker.errors import InvalidRequestError
 from worker.messages import (
+    RFC3339_PATTERN,
     ChatDelta,
     ChatRequest,
     ChatResponse,
+    Cost,
     ErrorInfo,
     Timings,
     VapiMessage,
@@ -74,6 +77,7 @@ REQUESTS = [
         assistant_overrides={"variableValues": {"x": 1}},
         metadata={"nested": {"list": [1, 2.5, None]}},
         reset_context=True,
+        expires_at=datetime(2026, 11, 30, 9, 30, tzinfo=timezone(timedelta(hours=-5))),
     ),
 ]
 DELTAS = [
@@ -118,6 +122,36 @@ RESPONSES = [
         timings=TIMINGS,
         metadata=None,
     ),
+    ChatResponse(
+        request_id="r",
+        conversation_id="c",
+        chat_id="x",
+        previous_chat_id=None,
+        status="completed",
+        text="the whole reply",
+        delta_count=1,
+        attempts=1,
+        context_reset=False,
+        error=None,
+        timings=TIMINGS,
+        metadata=None,
+        cost=Cost(usd=0.00042, prompt_tokens=90, completion_tokens=20),
+        stream_complete=False,
+    ),
+    ChatResponse(
+        request_id="r",
+        conversation_id="c",
+        chat_id=None,
+        previous_chat_id=None,
+        status="expired",
+        text="",
+        delta_count=0,
+        attempts=0,
+        context_reset=False,
+        error=ErrorInfo(code="request_expired", message="old", retryable=False, http_status=None),
+        timings=TIMINGS,
+        metadata=None,
+    ),
 ]
 VALID: list[tuple[str, BaseModel]] = [
     *(("chat.request.v1", m) for m in REQUESTS),
@@ -138,6 +172,8 @@ _R = _wire(REQUESTS[1])
 _D = _wire(DELTAS[1])
 _P = _wire(RESPONSES[0])
 _F = _wire(RESPONSES[1])
+_C = _wire(RESPONSES[2])
+_X = _wire(RESPONSES[3])
 _DELETE = object()
 
 INVALID: list[tuple[str, dict[str, Any], str, object]] = [
@@ -159,6 +195,10 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.request.v1", _R, "reset_context", None),
     ("chat.request.v1", _R, "schema", "chat.request.v2"),
     ("chat.request.v1", _R, "schema", None),
+    ("chat.request.v1", _R, "expires_at", "2026-11-30T09:00:00"),
+    ("chat.request.v1", _R, "expires_at", "2026-11-30"),
+    ("chat.request.v1", _R, "expires_at", "tomorrow"),
+    ("chat.request.v1", _R, "expires_at", 1764493200),
     ("chat.delta.v1", _D, "attempt", 0),
     ("chat.delta.v1", _D, "attempt", True),
     ("chat.delta.v1", _D, "attempt", 1.5),
@@ -189,6 +229,13 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.response.v1", _P, "timings", {"queued_ms": -1, "first_delta_ms": None, "total_ms": 2}),
     ("chat.response.v1", _P, "timings", None),
     ("chat.response.v1", _P, "text", None),
+    ("chat.response.v1", _C, "cost", {"usd": -0.1, "prompt_tokens": 1, "completion_tokens": 1}),
+    ("chat.response.v1", _C, "cost", {"usd": 0.1, "prompt_tokens": 1}),
+    ("chat.response.v1", _C, "cost", {"usd": 0.1, "prompt_tokens": -1, "completion_tokens": 1}),
+    ("chat.response.v1", _C, "cost", 0.1),
+    ("chat.response.v1", _C, "stream_complete", "false"),
+    ("chat.response.v1", _X, "error", None),
+    ("chat.response.v1", _X, "status", "timeout"),
 ]
 
 
@@ -390,3 +437,8 @@ def test_random_edits_are_judged_alike(
         else:
             document[field] = value
     assert _validator(name).is_valid(document) == _model_accepts(MODELS[name], document)
+
+
+def test_expires_at_has_one_pattern_in_the_model_and_the_schema() -> None:
+    """The RFC 3339 rule of ``expires_at`` is written once in each and they are the same."""
+    assert _schema("chat.request.v1")["properties"]["expires_at"]["pattern"] == RFC3339_PATTERN

@@ -9,11 +9,13 @@ from worker.simulator.faults import (
     DisconnectFault,
     FaultBook,
     FaultRule,
+    FetchFault,
     MalformedFault,
     RawStatusFault,
     ResetFault,
     StallFault,
     StatusFault,
+    TruncateFault,
     parse_fault_rule,
     parse_fault_spec,
     plan_faults,
@@ -30,6 +32,20 @@ def test_every_kind_parses_with_its_defaults() -> None:
     assert parse_fault_spec("stall").fault == StallFault(after=1, seconds=5.0)
     assert parse_fault_spec("disconnect").fault == DisconnectFault(after=1)
     assert parse_fault_spec("malformed").fault == MalformedFault(after=1, line="json")
+    assert parse_fault_spec("truncate").fault == TruncateFault(after=1)
+    assert parse_fault_spec("fetch").fault == FetchFault(code=500, gets=None)
+
+
+def test_fetch_faults_are_planned_apart_from_the_stream() -> None:
+    """``fetch`` disturbs the chat's GETs only; ``truncate`` is a stream fault."""
+    plan = plan_faults([TruncateFault(after=2), FetchFault(code=503, gets=1)])
+    assert plan.in_stream == (TruncateFault(after=2),)
+    assert plan.on_fetch == (FetchFault(code=503, gets=1),)
+    assert plan.kinds == "truncate,fetch"
+    with pytest.raises(SpecError, match="gets"):
+        parse_fault_spec("fetch gets=-1")
+    with pytest.raises(SpecError, match="code"):
+        parse_fault_spec("fetch code=200")
 
 
 def test_parameters_are_typed() -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from vapi_stream_client import ChatDelta, ChatResponse, FollowEvent, StreamFolder, Unreadable
+from vapi_stream_client.messages import Cost, ErrorInfo
 from worker.console import TailRenderer, parse_since
 
 pytestmark = pytest.mark.unit
@@ -106,6 +107,35 @@ def test_an_unreadable_record_is_reported_where_it_is() -> None:
     """A record that is not the contract is named with its topic, partition and offset."""
     out = _render(Unreadable("chat.deltas", 2, 7, b"c1", "seq: Field required"))
     assert out == "[unreadable record chat.deltas[2]@7: seq: Field required]\n"
+
+
+def test_a_response_shows_its_cost_and_the_rest_of_a_short_stream() -> None:
+    """The cost of a reply; Vapi's whole text when the stream ended before the reply did."""
+    response = _response().model_copy(
+        update={
+            "text": "Hello there",
+            "cost": Cost(usd=0.000215, prompt_tokens=6, completion_tokens=20),
+            "stream_complete": False,
+        }
+    )
+    out = _render(_delta(0, "Hel"), response)
+    assert "the stream ended early; the whole reply: Hello there" in out
+    assert "completed, 1 deltas, 0.000215 USD (6 + 20 tokens)" in out
+
+
+def test_an_expired_request_says_so() -> None:
+    expired = _response("failed").model_copy(
+        update={
+            "status": "expired",
+            "error": ErrorInfo(
+                code="request_expired",
+                message="the request expired at ...",
+                retryable=False,
+                http_status=None,
+            ),
+        }
+    )
+    assert "EXPIRED, not run: the request expired at ..." in _render(expired)
 
 
 @pytest.mark.parametrize(

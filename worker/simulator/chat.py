@@ -1,10 +1,14 @@
-"""``POST /chat``: the one Vapi endpoint the simulator speaks, from auth to the last byte.
+"""``POST /chat`` and ``GET /chat/{id}``: the Vapi endpoints the simulator speaks.
 
 Why one module: the order of checks is itself behaviour clients notice, and it is Vapi's order:
 auth (401), body and ``CreateChatDTO`` (400), then the organisation's limit on chats at once
 (429 with ``Retry-After``, when configured), then the call's faults (so a simulated 429 needs a
 valid request), then the conversation context (404 unknown ``previousChatId``/``sessionId``, 400
 other assistant), then the reply, streamed or whole. Every call is recorded, however it ends.
+
+``GET /chat/{id}`` answers a stored chat as Vapi's ``Chat`` object (with its ``cost`` and
+``costs``): auth (401), then 404 for a chat never stored (one whose stream broke off is not),
+then the chat's ``fetch`` faults.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ class ChatHandler:
         if isinstance(faults.before_response, ResetFault):
             call.outcome = "reset"
             return _reset_connection(request)
-        chat = self._new_chat(chat_body, parsed)
+        chat = self._new_chat(chat_body, parsed, faults)
         call.chat_id = chat.id
         if chat_body.stream:
             return await self._stream(request, call, chat, self._plan(chat, parsed, faults))
@@ -181,7 +185,24 @@ class ChatHandler:
         except ValueError:
             raise ChatRejectedError(400, ["request body is not valid JSON"]) from None
 
-    def _new_chat(self, chat_body: CreateChatBody, parsed: ParsedInput) -> StoredChat:
+    async def get_chat(self, request: web.Request) -> web.Response:
+        """``GET /chat/{id}``: the stored chat, as Vapi's ``Chat`` object."""
+        try:
+            self._check_auth(request)
+        except ChatRejectedError as exc:
+            return error_response(exc.status, exc.message)
+        chat_id = request.match_info["id"]
+        chat = self._state.chats.get(chat_id)
+        if chat is None:
+            return error_response(404, f"Chat {chat_id} not found")
+        fault = chat.fetch_fault()
+        if fault is not None:
+            return error_response(fault.code, f"Simulated {fault.code} on GET /chat/{{id}}")
+        return web.json_response(chat.to_json(), dumps=_dumps)
+
+    def _new_chat(
+        self, chat_body: CreateChatBody, parsed: ParsedInput, faults: FaultPlan
+    ) -> StoredChat:
         context = self._state.resolve_context(chat_body)
         pace = parsed.pace
         tokens = self._config.reply_tokens if pace.tokens is None else pace.tokens
@@ -189,7 +210,9 @@ class ChatHandler:
             reply = bulk_reply(tokens, pace.token_chars, pace.char or "x")
         else:
             reply = compose_reply(context.history, parsed.user_text, tokens)
-        return self._state.new_chat(chat_body, context, list(parsed.messages), reply)
+        return self._state.new_chat(
+            chat_body, context, list(parsed.messages), reply, faults.on_fetch
+        )
 
     def _plan(self, chat: StoredChat, parsed: ParsedInput, faults: FaultPlan) -> StreamPlan:
         pace, config = parsed.pace, self._config

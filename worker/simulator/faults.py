@@ -22,6 +22,11 @@ Values may be quoted like shell words (``retry_after="Wed, 21 Oct 2015 07:28:00 
 ``malformed``  ``after=N line=KIND``: after N deltas, send one bad line, then carry on.
                ``json`` ``data: {not json``; ``nofield`` a JSON line without ``data:``;
                ``nodelta`` valid JSON without ``delta``; ``utf8`` bytes that are not UTF-8.
+``truncate``   ``after=N``: after N deltas, end the stream cleanly (the final chunk is sent),
+               as a proxy closing early would; the chat keeps the whole reply, so
+               ``GET /chat/{id}`` shows what the stream left out.
+``fetch``      ``code=N`` (400-599, default 500) ``gets=K``: the first K ``GET /chat/{id}`` of
+               this call's chat answer status N (default: every one); the stream is untouched.
 =============  ===========================================================================
 
 ``after`` defaults to 1 and is clamped to the reply's delta count, so ``after=999`` means
@@ -108,9 +113,26 @@ class MalformedFault:
     line: str = "json"
 
 
+@dataclass(frozen=True)
+class TruncateFault:
+    """End the stream cleanly after ``after`` deltas; the stored chat keeps the whole reply."""
+
+    kind: ClassVar[str] = "truncate"
+    after: int = 1
+
+
+@dataclass(frozen=True)
+class FetchFault:
+    """Answer the first ``gets`` ``GET /chat/{id}`` of the chat with ``code`` (None: every one)."""
+
+    kind: ClassVar[str] = "fetch"
+    code: int = 500
+    gets: int | None = None
+
+
 BeforeResponseFault = StatusFault | RawStatusFault | ResetFault
-InStreamFault = StallFault | DisconnectFault | MalformedFault
-Fault = BeforeResponseFault | InStreamFault
+InStreamFault = StallFault | DisconnectFault | MalformedFault | TruncateFault
+Fault = BeforeResponseFault | InStreamFault | FetchFault
 
 
 class _Params:
@@ -119,6 +141,9 @@ class _Params:
     def __init__(self, kind: str, params: Mapping[str, str]) -> None:
         self._kind = kind
         self._left = dict(params)
+
+    def has(self, key: str) -> bool:
+        return key in self._left
 
     def text(self, key: str) -> str | None:
         return self._left.pop(key, None)
@@ -180,6 +205,17 @@ def _malformed(p: _Params) -> MalformedFault:
     return MalformedFault(after=p.integer("after", 1), line=line)
 
 
+def _truncate(p: _Params) -> TruncateFault:
+    return TruncateFault(after=p.integer("after", 1))
+
+
+def _fetch(p: _Params) -> FetchFault:
+    return FetchFault(
+        code=p.integer("code", 500, minimum=400, maximum=599),
+        gets=p.integer("gets", 0) if p.has("gets") else None,
+    )
+
+
 _BUILDERS: dict[str, Callable[[_Params], Fault]] = {
     "status": _status,
     "rawstatus": _raw_status,
@@ -187,6 +223,8 @@ _BUILDERS: dict[str, Callable[[_Params], Fault]] = {
     "stall": _stall,
     "disconnect": _disconnect,
     "malformed": _malformed,
+    "truncate": _truncate,
+    "fetch": _fetch,
 }
 FAULT_KINDS = tuple(_BUILDERS)
 
@@ -329,26 +367,30 @@ def parse_fault_rule(text: str) -> FaultRule:
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """What to do to one call: refuse it up front, or disturb its stream (or neither)."""
+    """What to do to one call: refuse it up front, or disturb its stream and the chat's fetches
+    (or neither)."""
 
     before_response: BeforeResponseFault | None = None
     in_stream: tuple[InStreamFault, ...] = ()
+    on_fetch: tuple[FetchFault, ...] = ()
 
     @property
     def kinds(self) -> str | None:
         """The applied fault kinds for the call record, comma-joined; ``None`` when clean."""
         if self.before_response is not None:
             return self.before_response.kind
-        return ",".join(f.kind for f in self.in_stream) or None
+        return ",".join(f.kind for f in (*self.in_stream, *self.on_fetch)) or None
 
 
 def plan_faults(armed: Sequence[Fault]) -> FaultPlan:
-    """The first up-front fault wins over everything; otherwise all stream faults apply."""
+    """The first up-front fault wins over everything; otherwise all stream and fetch faults
+    apply."""
     for fault in armed:
         if isinstance(fault, BeforeResponseFault):
             return FaultPlan(before_response=fault)
-    in_stream = tuple(f for f in armed if not isinstance(f, BeforeResponseFault))
-    return FaultPlan(in_stream=in_stream)
+    in_stream = tuple(f for f in armed if isinstance(f, InStreamFault))
+    on_fetch = tuple(f for f in armed if isinstance(f, FetchFault))
+    return FaultPlan(in_stream=in_stream, on_fetch=on_fetch)
 
 
 class FaultBook:

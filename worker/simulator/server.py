@@ -49,7 +49,9 @@ def create_app(config: SimulatorConfig) -> web.Application:
     app = web.Application()
     app[CONFIG_KEY] = config
     app[STATE_KEY] = state
-    app.router.add_post("/chat", ChatHandler(config, state).handle)
+    chats = ChatHandler(config, state)
+    app.router.add_post("/chat", chats.handle)
+    app.router.add_get("/chat/{id}", chats.get_chat)
     app.add_routes(Inspection(state).routes())
     return app
 

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from worker.simulator.errors import ChatRejectedError
-from worker.simulator.faults import FaultBook
+from worker.simulator.faults import FaultBook, FetchFault
+from worker.simulator.pricing import chat_costs, count_tokens, prompt_tokens
 from worker.simulator.validation import ChatInput, CreateChatBody
 
 ORG_ID = "sim-org"
@@ -39,6 +40,31 @@ class StoredChat:
     messages: list[Message]
     output: list[Message]
     created_at: str = field(default_factory=_now_iso)
+    #: Faults of ``GET /chat/{id}`` for this chat (``fetch``), and how many GETs it has had.
+    fetch_faults: tuple[FetchFault, ...] = ()
+    fetches: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens the model read: the whole context (``messages``)."""
+        return prompt_tokens(self.messages)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens the model wrote: the reply."""
+        return sum(
+            count_tokens(content)
+            for message in self.output
+            if isinstance(content := message.get("content"), str)
+        )
+
+    def fetch_fault(self) -> FetchFault | None:
+        """Count one ``GET /chat/{id}``; the fault it must answer with, if any."""
+        self.fetches += 1
+        for fault in self.fetch_faults:
+            if fault.gets is None or self.fetches <= fault.gets:
+                return fault
+        return None
 
     @property
     def transcript(self) -> list[Message]:
@@ -53,6 +79,7 @@ class StoredChat:
             "previousChatId": self.previous_chat_id,
             "name": self.name,
         }
+        cost, costs = chat_costs(self.prompt_tokens, self.completion_tokens)
         return {
             "id": self.id,
             "orgId": ORG_ID,
@@ -61,8 +88,8 @@ class StoredChat:
             "output": self.output,
             "createdAt": self.created_at,
             "updatedAt": self.created_at,
-            "cost": 0,
-            "costs": [],
+            "cost": cost,
+            "costs": costs,
         }
 
 
@@ -187,7 +214,12 @@ class SimulatorState:
         return Context(list(session.transcript), session.owner, request.assistant_id)
 
     def new_chat(
-        self, request: CreateChatBody, context: Context, messages: list[Message], reply: str
+        self,
+        request: CreateChatBody,
+        context: Context,
+        messages: list[Message],
+        reply: str,
+        fetch_faults: tuple[FetchFault, ...] = (),
     ) -> StoredChat:
         """A chat for this turn; it is not remembered until ``commit`` (a broken stream is not)."""
         return StoredChat(
@@ -199,6 +231,7 @@ class SimulatorState:
             name=request.name,
             messages=[*context.history, *messages],
             output=[{"role": "assistant", "content": reply}],
+            fetch_faults=fetch_faults,
         )
 
     def commit(self, chat: StoredChat) -> None:

@@ -8,7 +8,8 @@ the bytes on the wire are the same, and the simulator, which shares the benchmar
 worker, pays for one write and one event-loop turn per write instead of per event
 (``bench/README.md``).
 A stream ends by closing the chunked body; ``disconnect`` instead drops the connection so the
-final chunk never arrives.
+final chunk never arrives, and ``truncate`` closes the body cleanly before the last delta (the
+chat, complete, is stored all the same).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from worker.simulator.events import DONE_EVENT, delta_event, malformed_event
-from worker.simulator.faults import DisconnectFault, InStreamFault, MalformedFault, StallFault
+from worker.simulator.faults import (
+    DisconnectFault,
+    InStreamFault,
+    MalformedFault,
+    StallFault,
+    TruncateFault,
+)
 from worker.simulator.state import CallRecord, SimulatorState
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -99,13 +106,13 @@ class ReplyStream:
             faults = self._faults_due(index)
             if delay > 0 or held.size >= FLAT_OUT_WRITE_BYTES or faults:
                 await self._flush(held)
-                if await self._disturb(faults):
+                if await self._disturb(faults, on_complete):
                     return
                 # A zero delay still yields, once per write, so flat-out streams take turns.
                 await asyncio.sleep(delay)
             held.add(self._delta_event(token))
         await self._flush(held)
-        if await self._disturb(self._faults_due(len(plan.tokens))):
+        if await self._disturb(self._faults_due(len(plan.tokens)), on_complete):
             return
         on_complete()
         if plan.done_marker:
@@ -134,8 +141,8 @@ class ReplyStream:
         last = len(self._plan.tokens)
         return [fault for fault in self._plan.faults if min(fault.after, last) == position]
 
-    async def _disturb(self, faults: list[InStreamFault]) -> bool:
-        """Apply ``faults`` in order; True when the connection was dropped."""
+    async def _disturb(self, faults: list[InStreamFault], on_complete: Callable[[], None]) -> bool:
+        """Apply ``faults`` in order; True when the stream ended early (dropped or truncated)."""
         for fault in faults:
             if isinstance(fault, StallFault):
                 await asyncio.sleep(fault.seconds)
@@ -143,6 +150,12 @@ class ReplyStream:
                 await self._write(malformed_event(fault.line, self._plan.chat_id))
             elif isinstance(fault, DisconnectFault):
                 self._drop_connection()
+                return True
+            elif isinstance(fault, TruncateFault):
+                # Vapi finished the chat; only the stream to the client ends early, cleanly.
+                on_complete()
+                await self._response.write_eof()
+                self._call.outcome = "truncated"
                 return True
         return False
 

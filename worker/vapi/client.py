@@ -1,4 +1,5 @@
-"""The only httpx code in the worker: one streaming ``POST /chat`` call, as a stream of deltas.
+"""The only httpx code in the worker: one streaming ``POST /chat`` call, as a stream of deltas,
+and ``GET /chat/{id}``, the chat it made (``fetch_chat``).
 
     async with VapiClient(base_url, api_key, timeouts) as vapi:
         async with contextlib.aclosing(vapi.stream_chat(body, request_id=rid, attempt=1)) as deltas:
@@ -28,6 +29,10 @@ timer, unlike wrapping every read in ``asyncio.timeout``. The stall clock runs o
 generator waits for Vapi, not while the caller handles a delta (publishing it to Kafka), so a slow
 consumer is never mistaken for a stalled Vapi; the whole-request deadline counts both.
 
+``fetch_chat`` maps its failures the same way (statuses, connect errors; a body cut short is a
+VapiConnectError, a body that is not a JSON object a VapiProtocolError), and is bounded as a whole
+by the ``timeout_s`` it is given: VapiTimeoutError(phase="fetch").
+
 Cancellation: if the consuming task is cancelled while waiting here, the response is closed on the
 way out, and a body not read to its end closes its connection (``worker.vapi.transport``). If it
 is cancelled elsewhere, the generator is closed by ``aclosing`` (use it: an abandoned async
@@ -49,6 +54,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from types import TracebackType
 from typing import Final, Self, cast
+from urllib.parse import quote
 
 import httpx
 import pydantic_core
@@ -78,6 +84,8 @@ USER_AGENT: Final = "vapi-stream-worker"
 #: The statuses HTTP defines (RFC 9110 section 15); anything else is not an HTTP answer.
 MIN_HTTP_STATUS: Final = 100
 MAX_HTTP_STATUS: Final = 599
+#: Largest ``Chat`` object read: it holds the whole transcript, and a conversation grows.
+MAX_CHAT_BYTES: Final = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +204,61 @@ class VapiClient:
             watchdog.stop()
             if response is not None:
                 await response.aclose()
+
+    async def fetch_chat(self, chat_id: str, *, request_id: str, timeout_s: float) -> object:
+        """``GET /chat/{chat_id}``: the chat as parsed JSON (an object), within ``timeout_s``.
+
+        Raises only ``VapiError`` subclasses (and ``CancelledError``).
+        """
+        request = httpx.Request(
+            "GET",
+            httpx.URL(f"{self._base_url}/chat/{quote(chat_id, safe='')}"),
+            headers=self._headers,
+            extensions={"timeout": self._timeout},
+        )
+        request.headers["Accept"] = "application/json"
+        request.headers["X-Request-Id"] = request_id
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._fetch_json(request)
+        except TimeoutError as exc:
+            raise VapiTimeoutError(
+                f"GET /chat/{{id}} took longer than {timeout_s:g}s", phase="fetch"
+            ) from exc
+
+    async def _fetch_json(self, request: httpx.Request) -> object:
+        try:
+            response = await self._transport.handle_async_request(request)
+            response.request = request
+        except httpx.TimeoutException as exc:
+            raise VapiTimeoutError(
+                f"connecting to Vapi took longer than {self._timeouts.connect_s:g}s",
+                phase="connect",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise VapiConnectError(f"no response from Vapi: {_describe(exc)}") from exc
+        try:
+            status = response.status_code
+            if not 200 <= status < 300:
+                raise self._status_error(response, await _read_error_body(response))
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_CHAT_BYTES:
+                    raise VapiProtocolError(f"the chat is larger than {MAX_CHAT_BYTES} bytes")
+        except httpx.DecodingError as exc:
+            raise VapiProtocolError(f"undecodable response body: {_describe(exc)}") from exc
+        except httpx.TransportError as exc:
+            raise VapiConnectError(f"the chat's body broke off: {_describe(exc)}") from exc
+        finally:
+            await response.aclose()
+        try:
+            document = pydantic_core.from_json(bytes(body))
+        except ValueError as exc:
+            raise VapiProtocolError(f"the chat is not JSON: {_describe(exc)}") from exc
+        if not isinstance(document, dict):
+            raise VapiProtocolError("the chat is not a JSON object")
+        return document
 
     async def _open(
         self, body: dict[str, object], *, request_id: str, attempt: int

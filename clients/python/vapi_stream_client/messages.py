@@ -17,9 +17,20 @@ This module imports pydantic only: the worker (``worker.messages``) and the clie
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 REQUEST_SCHEMA: Final = "chat.request.v1"
 DELTA_SCHEMA: Final = "chat.delta.v1"
@@ -40,6 +51,28 @@ _MODEL_CONFIG: Final = ConfigDict(
 )
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+#: RFC 3339 date-time with an offset (``Z`` or ``±hh:mm``); the schema file has the same pattern.
+RFC3339_PATTERN: Final = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+_RFC3339: Final = re.compile(RFC3339_PATTERN)
+
+
+def _rfc3339(value: object) -> object:
+    """An RFC 3339 string as an aware datetime; a datetime (a Python caller's) as it is."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-11-30T09:00:00Z")
+    try:
+        return datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not a date-time that exists") from None
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 NonNegativeMs = Annotated[float, Field(ge=0)]
 
 
@@ -86,6 +119,8 @@ class ChatRequest(BaseModel):
     assistant_overrides: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     reset_context: bool = False
+    #: Past this moment the request is not started (``status: "expired"``, no Vapi call).
+    expires_at: Rfc3339 | None = None
     # Optional on the wire (absent means v1); always written by ``encode``.
     schema_: Literal["chat.request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
 
@@ -146,8 +181,25 @@ class Timings(BaseModel):
     total_ms: NonNegativeMs
 
 
+class Cost(BaseModel):
+    """What Vapi billed for a reply: the chat's ``cost`` in USD and its model tokens."""
+
+    model_config = _MODEL_CONFIG
+
+    usd: Annotated[float, Field(ge=0)]
+    prompt_tokens: Annotated[int, Field(ge=0)]
+    completion_tokens: Annotated[int, Field(ge=0)]
+
+
 class ChatResponse(BaseModel):
-    """The outcome of one request, exactly one per ``request_id`` (``chat.response.v1``)."""
+    """The outcome of one request, exactly one per ``request_id`` (``chat.response.v1``).
+
+    ``expired``: the request was not run (no Vapi call), it was too old (``expires_at`` or
+    ``WORKER_REQUEST_MAX_AGE_S``); ``error`` says which. ``cost`` and ``stream_complete`` are
+    set on a completed response whose chat was fetched (``VAPI_FETCH_CHAT``), null otherwise;
+    ``stream_complete`` false means the stream ended before the reply did and ``text`` is
+    Vapi's whole reply, not the deltas.
+    """
 
     model_config = _MODEL_CONFIG
     SCHEMA: ClassVar[str] = RESPONSE_SCHEMA
@@ -156,7 +208,7 @@ class ChatResponse(BaseModel):
     conversation_id: Id
     chat_id: Annotated[str, Field(min_length=1)] | None
     previous_chat_id: Annotated[str, Field(min_length=1)] | None
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "expired"]
     text: str
     delta_count: Annotated[int, Field(ge=0)]
     # 0 when the request failed before Vapi was called (a 429 pause past its deadline, a bug).
@@ -165,11 +217,13 @@ class ChatResponse(BaseModel):
     error: ErrorInfo | None
     timings: Timings
     metadata: dict[str, Any] | None
+    cost: Cost | None = None
+    stream_complete: bool | None = None
 
     @model_validator(mode="after")
     def _error_matches_status(self) -> Self:
-        if self.status == "failed" and self.error is None:
-            raise ValueError("error is required when status is 'failed'")
+        if self.status != "completed" and self.error is None:
+            raise ValueError(f"error is required when status is {self.status!r}")
         if self.status == "completed" and self.error is not None:
             raise ValueError("error must be null when status is 'completed'")
         return self
