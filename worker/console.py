@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from worker.config import Settings
 from worker.errors import ConfigError
+from worker.kafka_adapters import refresh_metadata
 from worker.messages import ChatRequest
 from worker.topics import kafka_client_kwargs
 
@@ -341,7 +342,7 @@ async def topic_partitions(
         found = consumer.partitions_for_topic(topic)
         if found:
             return [TopicPartition(topic, p) for p in sorted(found)]
-        await consumer._client.force_metadata_update()  # noqa: SLF001  no public refresh
+        await refresh_metadata(consumer)
         await asyncio.sleep(0.2)
     raise ConfigError(f"topic {topic!r} does not exist")
 

@@ -43,7 +43,7 @@ PRODUCER_CLOSED = (
 class Stream(Protocol):
     """The agent's stream as the dispatcher uses it: ``stream.noack()`` of Faust (§10.1)."""
 
-    async def ack(self, event: Any) -> bool: ...
+    async def ack(self, event: Event) -> bool: ...
 
 
 class Consumer(Protocol):
