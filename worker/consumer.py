@@ -1,4 +1,4 @@
-"""Faust's aiokafka consumer, with a seek that never leaves a partition past records not taken.
+"""The rewinding seek: a seek that never leaves a partition past records not taken.
 
 Faust drops fetched records it cannot hand over yet (flow stopped during a rebalance, partition
 not active, generation changed) and relies on ``perform_seek``, a seek of every assigned
@@ -7,7 +7,8 @@ seeks a partition whose committed offset is above 0: a partition nobody ever com
 where the dropped fetch left it, past records no stream has seen, and the next record processed
 there is committed past them. Those requests would be lost for good.
 
-Here such a partition is sought to its beginning instead, which is where a group without a
+Here (and in ``worker.kafka_adapters.RewindingConsumer``, the consumer Faust runs) such a
+partition is sought to its beginning instead, which is where a group without a
 commit starts reading (``consumer_auto_offset_reset="earliest"``). Records read again are
 recognised by the dispatcher (taken twice, or already finished in the table).
 """
@@ -19,8 +20,6 @@ from collections.abc import Collection, Mapping
 
 import aiokafka
 import structlog
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 
 log = structlog.get_logger(__name__)
@@ -64,22 +63,3 @@ async def seek_to_committed_or_beginning(
         # A fetch had moved these past records no stream took: the loss this seek prevents.
         log.warning("uncommitted partitions rewound to their beginning", positions=positions)
     return committed
-
-
-class RewindingConsumerThread(AIOKafkaConsumerThread):
-    """The consumer thread whose ``seek_to_committed`` also rewinds uncommitted partitions."""
-
-    async def seek_to_committed(self) -> Mapping[TP, int]:
-        # Typed ``int`` by Faust; aiokafka's values are None where nothing is committed.
-        changelogs = set(self.app.tables.changelog_topics)
-        result: Mapping[TP, int] = await self.call_thread(
-            seek_to_committed_or_beginning, self._ensure_consumer(), changelogs
-        )
-        return result
-
-
-class RewindingConsumer(AIOKafkaConsumer):
-    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`."""
-
-    def _new_consumer_thread(self) -> RewindingConsumerThread:
-        return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -30,8 +30,8 @@ from pydantic import ValidationError
 from vapi_stream_client.messages import DELTA_SCHEMA as DELTA_SCHEMA
 from vapi_stream_client.messages import MAX_ID_CHARS as MAX_ID_CHARS
 from vapi_stream_client.messages import REQUEST_SCHEMA as REQUEST_SCHEMA
-from vapi_stream_client.messages import RFC3339_PATTERN as RFC3339_PATTERN
 from vapi_stream_client.messages import RESPONSE_SCHEMA as RESPONSE_SCHEMA
+from vapi_stream_client.messages import RFC3339_PATTERN as RFC3339_PATTERN
 from vapi_stream_client.messages import ChatDelta as ChatDelta
 from vapi_stream_client.messages import ChatInput as ChatInput
 from vapi_stream_client.messages import ChatRequest as ChatRequest

@@ -2,8 +2,9 @@
 
 The handler knows nothing of Faust or httpx: its collaborators (the Vapi stream, the publisher,
 the retry policy, the clocks, the metrics) are passed in, so tests can hand it the real simulator
-client and a real Kafka publisher, or fakes. ``app.py`` decides *when* a request runs (ordering,
-duplicates, state); this module decides *what* running it means (docs/design.md §4.3 and §6).
+client and a real Kafka publisher, or fakes. ``worker.lifecycle`` runs a request from its record to
+its new state (duplicates, the final step); this module is its Vapi part: the attempts, their
+deltas and the outcome (docs/design.md §4.3 and §6).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from worker.messages import (
     Cost,
     ErrorInfo,
     Headers,
+    RecordHeaders,
     Timings,
     output_headers,
 )
@@ -65,14 +67,10 @@ class ChatStreamer(Protocol):
 
 
 class OutputPublisher(Protocol):
-    """Where deltas and responses go (``app.KafkaPublisher``), with the record headers given."""
+    """Where deltas go (``worker.kafka_adapters.KafkaPublisher``), with the record headers given."""
 
     async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
         """Hand the delta to the producer; the returned awaitable resolves on the broker's ack."""
-        ...
-
-    async def send_response(self, response: ChatResponse, headers: Headers) -> None:
-        """Publish the final response and wait for the broker's ack."""
         ...
 
 
@@ -93,7 +91,7 @@ class HandlerSettings:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one request ended with; ``app.py`` stores ``chat_id`` and ``session_id``."""
+    """What one request ended with; its lifecycle stores ``chat_id`` and ``session_id``."""
 
     response: ChatResponse
     chat_id: str | None
@@ -171,12 +169,12 @@ class RequestHandler:
         state: ConversationState,
         *,
         queued_at: float,
-        trace_headers: Headers = (),
+        trace_headers: RecordHeaders = (),
     ) -> Outcome:
         """Run ``request`` to its final response (completed or failed), deltas published.
 
-        The response itself is published by ``publish`` once the caller is ready to record it:
-        the two steps are split so that the caller can keep cancellation away from the second.
+        The response itself is published by the request's final step (``worker.lifecycle``),
+        which cancellation cannot stop half-way.
         """
         now = self._clock()
         previous = None if request.reset_context else state.chat_id
@@ -200,7 +198,7 @@ class RequestHandler:
         self._record_outcome(run, outcome.response)
         return outcome
 
-    def _fitted(self, run: _Run, outcome: Outcome, trace_headers: Headers) -> Outcome:
+    def _fitted(self, run: _Run, outcome: Outcome, trace_headers: RecordHeaders) -> Outcome:
         """The outcome, or ``reply_too_large`` if its completed response would not fit a record.
 
         At the defaults ``max_reply_chars`` alone keeps a response within a record; this check
@@ -229,8 +227,8 @@ class RequestHandler:
     ) -> Outcome:
         """The ``failed`` outcome of a request that ``exc`` ended outside ``handle``.
 
-        ``handled``: ``handle`` returned before ``exc`` (publishing failed), so the request is
-        already counted in ``chat_worker_requests_total``; it is not counted twice.
+        ``handled``: ``handle`` returned before ``exc`` (publishing failed), so the request's
+        duration and ``request finished`` line are already written; they are not written twice.
         """
         now = self._clock()
         run = _Run(
@@ -287,12 +285,6 @@ class RequestHandler:
             f"the worker failed on this request ({type(exc).__name__}); its log has the details"
         )
         return self._failed(run, error)
-
-    async def publish(self, outcome: Outcome, trace_headers: Headers = ()) -> None:
-        """Publish the one final response and wait for the broker's ack."""
-        await self._publisher.send_response(
-            outcome.response, output_headers(ChatResponse.SCHEMA, trace_headers)
-        )
 
     async def _run_attempts(self, run: _Run, headers: Headers) -> Outcome:
         deadline = run.started + self._settings.request_deadline_s
@@ -599,7 +591,7 @@ class RequestHandler:
         return Outcome(response, None, None)
 
     def _record_outcome(self, run: _Run, response: ChatResponse) -> None:
-        self._metrics.requests_total.labels(outcome=response.status).inc()
+        # chat_worker_requests_total is counted by the request's lifecycle (worker.lifecycle).
         self._metrics.request_duration_seconds.observe(self._clock() - run.started)
         if run.first_delta_at is not None:
             self._metrics.time_to_first_delta_seconds.observe(run.first_delta_at - run.started)

@@ -11,7 +11,7 @@ import faust
 import structlog
 from prometheus_client import CollectorRegistry
 
-from worker.app import Worker, build_worker
+from worker.app import Assembly, assemble
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.logs import register_secret
@@ -62,10 +62,10 @@ def vapi_endpoint(settings: Settings) -> tuple[str, str]:
     return settings.effective_vapi_base_url(), settings.vapi_api_key.get_secret_value()
 
 
-def readiness(worker: Worker) -> Mapping[str, bool]:
+def readiness(assembly: Assembly) -> Mapping[str, bool]:
     """What /readyz gates on: this pod's own ability to work. Started, assigned (no rebalance
     under way), table recovered. Nothing every pod shares: that is ``dependencies``."""
-    app = worker.app
+    app = assembly.app
     recovery = cast(Any, app.tables).recovery
     return {
         "started": bool(app.started),
@@ -74,13 +74,13 @@ def readiness(worker: Worker) -> Mapping[str, bool]:
     }
 
 
-def dependencies(worker: Worker, broker: BrokerProbe) -> Mapping[str, bool]:
+def dependencies(assembly: Assembly, broker: BrokerProbe) -> Mapping[str, bool]:
     """What every pod shares, reported by /healthz and /readyz and never failing them: broker
     reachable, Vapi key accepted (also chat_worker_broker_reachable, chat_worker_vapi_ready)."""
-    return {"broker": broker.reachable, "vapi_auth": worker.vapi_auth_ok()}
+    return {"broker": broker.reachable, "vapi_auth": assembly.vapi_auth_ok()}
 
 
-def readiness_info(worker: Worker) -> Mapping[str, object]:
+def readiness_info(assembly: Assembly) -> Mapping[str, object]:
     """What /readyz shows beside its checks, without making the pod unready.
 
     A 429 backoff pauses every Vapi call of this worker, but the pod can still take records,
@@ -88,7 +88,7 @@ def readiness_info(worker: Worker) -> Mapping[str, object]:
     told the same. Unready pods would only stall a rollout (the PDB counts them), so the pause is
     shown here and in ``chat_worker_vapi_backoff_seconds``, and the checks stay as they are.
     """
-    return {"vapi_backoff_s": round(worker.vapi_backoff_s(), 3)}
+    return {"vapi_backoff_s": round(assembly.vapi_backoff_s(), 3)}
 
 
 def run_worker(settings: Settings) -> int:
@@ -103,36 +103,37 @@ def run_worker(settings: Settings) -> int:
 
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    worker = build_worker(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
+    assembly = assemble(settings, metrics, vapi_base_url=base_url, vapi_api_key=api_key)
     broker = BrokerProbe(settings)
     ops = OpsServer(
         registry,
-        lambda: readiness(worker),
+        lambda: readiness(assembly),
         port=settings.worker_http_port,
-        dependencies=lambda: dependencies(worker, broker),
-        info=lambda: readiness_info(worker),
+        dependencies=lambda: dependencies(assembly, broker),
+        info=lambda: readiness_info(assembly),
     )
 
     async def check_broker() -> None:
         metrics.broker_reachable.set(1 if await broker.check() else 0)
 
-    @worker.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
+    @assembly.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def serve_ops() -> None:
         await check_broker()
         await ops.start()
         log.info("ops endpoints up", port=ops.port, paths=["/metrics", "/healthz", "/readyz"])
 
-    @worker.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
+    @assembly.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def probe_broker() -> None:
         await check_broker()
 
-    faust_worker = faust.Worker(
-        worker.app,
+    # Faust's process runner (mode's Worker): signals, logging, the event loop, the exit code.
+    faust_runner = faust.Worker(
+        assembly.app,
         loop=loop,
         loglevel=settings.log_level,
         quiet=True,
         override_logging=False,
         redirect_stdouts=False,
     )
-    faust_worker.execute_from_commandline()
+    faust_runner.execute_from_commandline()
     return 0  # not reached: Faust exits the process

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import faust
-from faust.streams import current_event
 from faust.types.stores import StoreT
 
 if TYPE_CHECKING:
@@ -299,11 +298,10 @@ class StateTable(faust.Table[str, Any]):
 class ConversationStore:
     """Reads and writes conversation state in the Faust table.
 
-    Faust picks the changelog partition of a write from ``current_event()``, a context variable.
-    The worker runs every request in a task created inside the agent loop while that request's
-    event was current, so writes land in the request's own partition even long after the record
-    was taken. ``put`` checks that, because a write to the wrong partition would be restored on
-    the wrong worker after a rebalance.
+    A write names its changelog partition: the partition of the request it records, which is
+    the conversation's (docs/design.md §10.3). Faust's own ``table[key] = value`` would take it
+    from ``current_event()`` instead, a context variable that only a task created inside the
+    agent loop sees.
     """
 
     def __init__(self, table: StateTable) -> None:
@@ -312,11 +310,6 @@ class ConversationStore:
     def get(self, conversation_id: str) -> ConversationState:
         return ConversationState.from_json(self._table.get(conversation_id))
 
-    async def put(self, conversation_id: str, state: ConversationState, event: object) -> None:
-        """Write the state and wait until its changelog record is on the broker."""
-        current = current_event()
-        if current is None or current is not event:
-            raise RuntimeError(
-                "table write outside its request's context: it would go to the wrong partition"
-            )
-        await self._table.write_through(conversation_id, state.to_json(), current.message.partition)
+    async def put(self, conversation_id: str, state: ConversationState, partition: int) -> None:
+        """Write the state to changelog ``partition``; returns once the broker has it."""
+        await self._table.write_through(conversation_id, state.to_json(), partition)

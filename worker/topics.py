@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ssl import SSLContext
+from typing import Any, cast
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -154,7 +156,7 @@ async def _create(admin: AIOKafkaAdminClient, settings: Settings, plan: TopicPla
 
 
 def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
-    """aiokafka client arguments for SASL/TLS (empty for PLAINTEXT)."""
+    """aiokafka client arguments for SASL/TLS (only ``security_protocol`` for PLAINTEXT)."""
     protocol = settings.kafka_security_protocol
     kwargs: dict[str, object] = {"security_protocol": protocol}
     if protocol in ("SSL", "SASL_SSL"):
@@ -172,6 +174,26 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, object]:
             else None
         )
     return kwargs
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """The same credentials as Faust's ``broker_credentials``: None for PLAINTEXT, the SSL
+    context for SSL, ``SASLCredentials`` for SASL (read from :func:`kafka_client_kwargs`)."""
+    kwargs = kafka_client_kwargs(settings)
+    protocol = kwargs["security_protocol"]
+    if protocol == "PLAINTEXT":
+        return None
+    ssl_context = kwargs.get("ssl_context")
+    if protocol == "SSL":
+        return ssl_context
+    import faust
+
+    return faust.SASLCredentials(
+        username=str(kwargs["sasl_plain_username"] or ""),
+        password=str(kwargs["sasl_plain_password"] or ""),
+        ssl_context=cast(SSLContext | None, ssl_context),
+        mechanism=str(kwargs["sasl_mechanism"]),
+    )
 
 
 class BrokerProbe:

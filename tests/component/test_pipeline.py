@@ -1,7 +1,8 @@
 """RequestHandler against the real simulator and the real VapiClient: Vapi's faults, one by one.
 
-Only the output side is a fake (``RecordingPublisher``, our own Protocol): every HTTP exchange is
-real. Sleeping is injected (``FakeTime``): the handler asks for a delay, the test records it and
+A request runs as the dispatcher runs it, through its lifecycle (``worker.lifecycle``). Only the
+output side and the table are fakes (``RecordingPublisher``, ``MemoryStore``): every HTTP exchange
+is real. Sleeping is injected (``FakeTime``): the handler asks for a delay, the test records it and
 moves a virtual clock instead of waiting, so Retry-After and backoff are checked by value, not by
 wall-clock time.
 """
@@ -25,6 +26,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from worker.config import Settings
+from worker.errors import InvalidRequestError
+from worker.lifecycle import Record, RequestLifecycle
 from worker.limits import MAX_DELTA_TEXT_BYTES, json_text_bytes
 from worker.messages import ChatDelta, ChatRequest, ChatResponse
 from worker.metrics import WorkerMetrics
@@ -107,6 +111,9 @@ class RecordingPublisher:
         self.responses.append(response)
         self.response_headers.append(list(headers))
 
+    async def send_dead_letter(self, event: object, error: InvalidRequestError) -> None:
+        raise AssertionError("no dead letters here")
+
     def hold(self, request_id: str) -> None:
         self._holds[request_id] = asyncio.Event()
 
@@ -131,6 +138,38 @@ class _Ceiling(random.Random):
 
 
 @dataclass
+class MemoryStore:
+    """The conversations' table, in a dict."""
+
+    states: dict[str, ConversationState] = field(default_factory=dict)
+
+    def get(self, conversation_id: str) -> ConversationState:
+        return self.states.get(conversation_id, ConversationState())
+
+    async def put(self, conversation_id: str, state: ConversationState, partition: int) -> None:
+        self.states[conversation_id] = state
+
+
+@dataclass
+class _Message:
+    """The request's record, as far as the lifecycle reads it."""
+
+    tp: tuple[str, int] = ("chat.requests", 0)
+    topic: str = "chat.requests"
+    partition: int = 0
+    offset: int = 0
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: list[tuple[str, bytes | None]] | None = None
+    timestamp: float | None = None
+
+
+@dataclass
+class _Event:
+    message: _Message
+
+
+@dataclass
 class Rig:
     """One handler with its collaborators, and a way to run a request to its published response."""
 
@@ -139,6 +178,8 @@ class Rig:
     metrics: WorkerMetrics
     time: FakeTime
     sim: RunningSimulator
+    store: MemoryStore = field(default_factory=MemoryStore)
+    crashes: list[BaseException] = field(default_factory=list)
 
     async def run(
         self,
@@ -148,15 +189,33 @@ class Rig:
         state: ConversationState | None = None,
         **fields: object,
     ) -> ChatResponse:
-        """Handle and publish one request, as the dispatcher does."""
+        """Run one request to its published response, as the dispatcher does."""
         request = ChatRequest.model_validate(
             {"request_id": request_id, "conversation_id": CONVERSATION, "input": text, **fields}
         )
-        outcome = await self.handler.handle(
-            request, state or ConversationState(), queued_at=self.time.clock()
+        return await self.run_request(request, state=state)
+
+    async def run_request(
+        self,
+        request: ChatRequest,
+        *,
+        state: ConversationState | None = None,
+        trace_headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> ChatResponse:
+        """Run ``request`` through its lifecycle; raises what would have stopped the worker."""
+
+        async def crash(exc: BaseException) -> None:
+            self.crashes.append(exc)
+
+        if state is not None:
+            self.store.states[request.conversation_id] = state
+        lifecycle = RequestLifecycle(
+            Settings(), self.handler, self.store, self.publisher, self.metrics, crash
         )
-        await self.handler.publish(outcome)
-        return outcome.response
+        record = Record(_Event(_Message()), self.time.clock(), request, None, trace_headers)
+        if not await lifecycle.run(record):
+            raise self.crashes[-1]
+        return self.publisher.responses_of(request.request_id)[-1]
 
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -463,10 +522,7 @@ async def test_deltas_and_the_response_carry_schema_and_allowlisted_trace_header
         {"request_id": "req-h", "conversation_id": CONVERSATION, "input": "hi"}
     )
     trace = [("traceparent", b"00-abc-def-01"), ("x-secret", b"not echoed")]
-    outcome = await rig.handler.handle(
-        request, ConversationState(), queued_at=rig.time.clock(), trace_headers=trace
-    )
-    await rig.handler.publish(outcome, trace)
+    await rig.run_request(request, trace_headers=trace)
     content_type = ("content-type", b"application/json")
     traceparent = ("traceparent", b"00-abc-def-01")
     assert rig.publisher.delta_headers
@@ -789,10 +845,10 @@ async def test_a_response_over_the_record_limit_fails_with_reply_too_large(
             "input": "[[sim:pace tokens=4 token_chars=10000 char=\x01]] go",
         }
     )
-    outcome = await rig.handler.handle(request, ConversationState(), queued_at=rig.time.clock())
-    await rig.handler.publish(outcome)
+    response = await rig.run_request(request)
     _assert_failed(
-        rig, outcome.response, code="reply_too_large", retryable=False, http_status=None, attempts=1
+        rig, response, code="reply_too_large", retryable=False, http_status=None, attempts=1
     )
-    assert (outcome.chat_id, outcome.session_id) == (None, None)
+    state = rig.store.get(CONVERSATION)
+    assert (state.chat_id, state.session_id) == (None, None)
     assert len(rig.publisher.deltas_of("req-1", 1)) >= 4

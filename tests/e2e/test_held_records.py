@@ -1,4 +1,5 @@
-"""worker.held_records against a real broker: a record Kafka will not take, waited for and dropped.
+"""The held-records drop (worker.kafka_adapters) against a real broker: a record Kafka will not
+take, waited for and dropped.
 
 Two idempotent producers each hold one record for a topic that is gone (``UnwritableTopic``).
 One keeps it, the other drops it; when the topic is back, the kept record lands and the dropped
@@ -16,7 +17,7 @@ from aiokafka.errors import KafkaError
 
 from tests.e2e.harness import UnwritableTopic, read_topic
 from tests.kafka_fixture import create_topics
-from worker.held_records import drop_held_records, flush_within
+from worker.kafka_adapters import drop_held_records, flush_within
 
 pytestmark = pytest.mark.e2e
 

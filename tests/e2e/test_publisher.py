@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tests.kafka_fixture import create_topics
-from worker.app import build_worker
+from worker.app import assemble
 from worker.config import Settings
 from worker.errors import InvalidRequestError
 from worker.messages import ChatDelta, ChatResponse, Timings
@@ -90,13 +90,13 @@ async def test_every_written_topic_stays_in_view_after_the_producer_learns_of_a_
         [settings.topic_deltas, settings.topic_responses, settings.topic_dlq],
         partitions=2,
     )
-    worker = build_worker(
+    assembly = assemble(
         settings,
         WorkerMetrics(CollectorRegistry()),
         vapi_base_url="http://127.0.0.1:9",
         vapi_api_key="unused",
     )
-    publisher, producer = worker.publisher, worker.app.producer
+    publisher, producer = assembly.publisher, assembly.app.producer
     await producer.start()
     try:
         if first == "response":

@@ -10,7 +10,8 @@ from faust.transport.consumer import ThreadDelegateConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 
-from worker.consumer import RewindingConsumer, RewindingConsumerThread, uncommitted
+from worker.consumer import uncommitted
+from worker.kafka_adapters import RewindingConsumer, RewindingConsumerThread
 
 pytestmark = pytest.mark.unit
 

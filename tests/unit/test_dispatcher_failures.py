@@ -1,10 +1,10 @@
-"""The dispatcher's one rule for failures: only the loss of Kafka stops the worker.
+"""A request's one rule for failures: only the loss of Kafka stops the worker.
 
-The dispatcher runs here with its real scheduler and request handler; Faust's stream, the Kafka
-publisher and the table are small fakes recording what they were asked (no I/O). A failure of any
-other kind, a bug included, ends its one request (a ``failed`` response with ``internal_error``
-when none was published yet), is counted and logged, and the record is acked, so the partition's
-next record runs.
+The dispatcher and the request lifecycle run here with their real scheduler and request
+handler; Faust's stream, the Kafka publisher and the table are small fakes recording what they
+were asked (no I/O). A failure of any other kind, a bug included, ends its one request (a
+``failed`` response with ``internal_error`` when none was published yet), is counted and logged,
+and the record is acked, so the partition's next record runs.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from worker.app import Dispatcher
 from worker.config import Settings
+from worker.dispatcher import Dispatcher
 from worker.errors import InvalidRequestError
+from worker.lifecycle import RequestLifecycle
 from worker.messages import ChatDelta, ChatResponse
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, RequestHandler
@@ -92,7 +93,7 @@ class Store:
     def get(self, conversation_id: str) -> ConversationState:
         return self.states.get(conversation_id, ConversationState())
 
-    async def put(self, conversation_id: str, state: ConversationState, event: object) -> None:
+    async def put(self, conversation_id: str, state: ConversationState, partition: int) -> None:
         failure, self.fail_put = self.fail_put, None
         if failure is not None:
             raise failure
@@ -128,6 +129,20 @@ class Stream:
         return True
 
 
+async def settled(dispatcher: Dispatcher) -> None:
+    """Wait until every started record's task has ended (tasks start as records get their turn)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        tasks = [job.task for job in dispatcher._jobs.values() if job.task is not None]
+        running = [task for task in tasks if not task.done()]
+        if not running:
+            await asyncio.sleep(0)  # the last completion's acks
+            return
+        _, stalled = await asyncio.wait(running, timeout=max(deadline - loop.time(), 0))
+        assert not stalled, f"{len(stalled)} records never ran: the partition stalled"
+
+
 @dataclass
 class Rig:
     dispatcher: Dispatcher
@@ -141,10 +156,7 @@ class Rig:
         """Hand the records to the dispatcher, in offset order, and wait until each has run."""
         for offset, value in enumerate(values, start=len(self.stream.acked)):
             await self.dispatcher.take(self.stream, Event(Message(offset, value)))
-        tasks = [job.task for job in self.dispatcher._jobs.values() if job.task is not None]
-        if tasks:
-            _, stalled = await asyncio.wait(tasks, timeout=5)
-            assert not stalled, f"{len(stalled)} records never ran: the partition stalled"
+        await settled(self.dispatcher)
 
     def sample(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, labels)
@@ -169,9 +181,8 @@ def rig() -> Rig:
     async def on_crash(exc: BaseException) -> None:
         crashes.append(exc)
 
-    dispatcher = Dispatcher(
-        settings, handler, cast(Any, store), cast(Any, publisher), metrics, on_crash=on_crash
-    )
+    lifecycle = RequestLifecycle(settings, handler, store, cast(Any, publisher), metrics, on_crash)
+    dispatcher = Dispatcher(settings, lifecycle, publisher, metrics, consumer=lambda: None)
     return Rig(dispatcher, publisher, store, Stream(), metrics, crashes)
 
 
@@ -250,13 +261,12 @@ async def test_records_handed_over_between_a_release_and_the_next_assignment_are
     Faust hands over in between (its recovery of the revoked assignment can resume the flow) is
     left unacked for its redelivery, not run; once assigned, records run again."""
     await rig.take(request("r1"))
-    await rig.dispatcher.release(consumer=None, grace_s=0)
+    await rig.dispatcher.release(grace_s=0)
     await rig.dispatcher.take(rig.stream, Event(Message(1, request("r2"))))
     assert rig.dispatcher._jobs == {}
     assert [r.request_id for r in rig.publisher.responses] == ["r1"]
     rig.dispatcher.on_assigned()
     await rig.dispatcher.take(rig.stream, Event(Message(1, request("r2"))))
-    tasks = [job.task for job in rig.dispatcher._jobs.values() if job.task is not None]
-    await asyncio.wait(tasks, timeout=5)
+    await settled(rig.dispatcher)
     assert [r.request_id for r in rig.publisher.responses] == ["r1", "r2"]
     assert rig.stream.acked == [0, 1]

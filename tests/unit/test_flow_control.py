@@ -1,11 +1,11 @@
-"""Unit tests of worker.app.SteadyFlowControl: what a resume does to records in stream queues."""
+"""Unit tests of worker.kafka_adapters.SteadyFlowControl: what a resume does to queued records."""
 
 from __future__ import annotations
 
 import pytest
 from mode.utils.queues import FlowControlQueue
 
-from worker.app import SteadyFlowControl, WorkerApp
+from worker.kafka_adapters import FaustApp, SteadyFlowControl
 
 pytestmark = pytest.mark.unit
 
@@ -38,5 +38,5 @@ async def test_resuming_a_suspended_flow_still_empties_the_queues() -> None:
 
 def test_the_worker_app_uses_the_steady_flow_control() -> None:
     """Every stream queue of the worker's Faust app is governed by SteadyFlowControl."""
-    app = WorkerApp("flow-control-unit-test", broker="kafka://127.0.0.1:9", store="memory://")
+    app = FaustApp("flow-control-unit-test", broker="kafka://127.0.0.1:9", store="memory://")
     assert isinstance(app.flow_control, SteadyFlowControl)

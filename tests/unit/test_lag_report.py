@@ -1,4 +1,4 @@
-"""Unit tests of worker.app.Dispatcher.report_lag: the lag timer against a rebalance.
+"""Unit tests of worker.lag.LagReport: the lag timer against a rebalance.
 
 The timer reads the consumer's assignment, then asks for each partition's highwater and position.
 A rebalance may revoke a partition between those calls: aiokafka's ``highwater`` then fails its
@@ -8,15 +8,12 @@ answers exactly as aiokafka does for a partition it no longer holds.
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import pytest
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from worker.app import Dispatcher
-from worker.config import Settings
+from worker.lag import LagReport
 from worker.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.unit
@@ -50,17 +47,9 @@ class RevokingConsumer:
         return 7
 
 
-def dispatcher(registry: CollectorRegistry) -> Dispatcher:
-    # report_lag reads only the settings, the scheduler and the metrics.
-    unused = cast(Any, None)
-    return Dispatcher(
-        Settings(topic_requests=TOPIC),
-        unused,
-        unused,
-        unused,
-        WorkerMetrics(registry),
-        on_crash=unused,
-    )
+def lag_report(registry: CollectorRegistry) -> LagReport:
+    # Nothing pending: the lag is read from the consumer's position.
+    return LagReport(TOPIC, lambda _tp: None, WorkerMetrics(registry))
 
 
 def lag(registry: CollectorRegistry, tp: TopicPartition) -> float | None:
@@ -72,7 +61,7 @@ async def test_a_partition_revoked_while_the_lag_is_read_is_skipped(revoked_befo
     """The revoked partition gets no lag and raises nothing; the kept one is reported."""
     registry = CollectorRegistry()
     consumer = RevokingConsumer(revoked_before=revoked_before)
-    await dispatcher(registry).report_lag(consumer)
+    await lag_report(registry).report(consumer)
     assert lag(registry, KEPT) == 3
     assert lag(registry, REVOKED) is None
 
@@ -81,6 +70,6 @@ async def test_no_lag_is_read_while_the_app_is_rebalancing() -> None:
     """During a rebalance the timer leaves the consumer alone: no assignment, no positions."""
     registry = CollectorRegistry()
     consumer = RevokingConsumer(revoked_before="position")
-    await dispatcher(registry).report_lag(consumer, rebalancing=True)
+    await lag_report(registry).report(consumer, paused=True)
     assert consumer.calls == []
     assert lag(registry, KEPT) is None

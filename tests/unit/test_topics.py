@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ssl
+
+import faust
 import pytest
 
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.topics import TopicPlan, changelog_topic, plan_topics
+from worker.topics import (
+    TopicPlan,
+    changelog_topic,
+    faust_credentials,
+    kafka_client_kwargs,
+    plan_topics,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -53,3 +62,23 @@ def test_a_changelog_that_disagrees_with_a_request_topic_to_be_created_is_refuse
     """No request topic yet: the changelog is compared with TOPIC_PARTITIONS, nothing created."""
     with pytest.raises(ConfigError, match="has 5 partitions but the request topic"):
         plan_topics(SETTINGS, {CHANGELOG: 5})
+
+
+def test_faust_and_the_aiokafka_clients_get_the_same_credentials() -> None:
+    """One source for both: PLAINTEXT has none, SSL a context, SASL the mechanism and login."""
+    assert faust_credentials(Settings(kafka_security_protocol="PLAINTEXT")) is None
+    assert isinstance(faust_credentials(Settings(kafka_security_protocol="SSL")), ssl.SSLContext)
+    settings = Settings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="worker",
+        kafka_sasl_password="s3cret",
+    )
+    credentials = faust_credentials(settings)
+    kwargs = kafka_client_kwargs(settings)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.username, credentials.password) == ("worker", "s3cret")
+    assert credentials.mechanism.value == kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert isinstance(credentials.ssl_context, ssl.SSLContext)
+    plain = faust_credentials(Settings(kafka_security_protocol="SASL_PLAINTEXT"))
+    assert (plain.mechanism.value, plain.ssl_context) == ("PLAIN", None)

@@ -1,0 +1,360 @@
+"""Every Faust and aiokafka adapter of the worker, and every private interface of theirs it uses.
+
+faust-streaming is pinned (0.15.3) and aiokafka held below 0.15: each private name used here
+carries ruff's SLF001 exemption with its reason where it is an attribute of another object, is
+listed in docs/design.md §10.4 with the overrides, and is checked by
+``tests/unit/test_private_apis.py``, which fails when an upgrade removes or changes one. Outside
+this module only the table's own subclasses (``worker/state.py``, ``worker/table_store.py``) use
+Faust's private parts, on ``self``.
+
+* :class:`IdempotentProducer`: Faust's producer with idempotence on (§10.2).
+* :class:`KafkaPublisher`: the worker's outputs (deltas, final responses, dead letters) through
+  Faust's producer, and what it still holds at a release: :func:`flush_within`,
+  :func:`drop_held_records` (§9).
+* :class:`RewindingConsumer`: Faust's consumer whose seek never leaves a partition past records
+  not taken (``worker.consumer``, §5.6).
+* :class:`SteadyFlowControl` and :class:`FaustApp`: the app's flow control and its hooks: the
+  release before Faust's drain, garbage-collector tuning, closing the Vapi client (§10.2).
+
+What the producer holds at a release
+------------------------------------
+An idempotent aiokafka producer never expires a batch: it retries a retriable error (a deleted or
+leaderless partition, too few in-sync replicas, a broker that does not answer) until the broker
+takes the record. Faust flushes the producer after a release and before every commit, so one such
+record would hold a shutdown or a rebalance forever, and once the partition had moved on, the
+record could still land: a final response from a worker that no longer owns the request, or a
+``chat-state`` write restored over the next owner's newer one. So the worker waits for its
+producer for a bounded time (:func:`flush_within`) and, past that, drops what it holds
+(:func:`drop_held_records`): its sender stops, its connections close and every held record fails,
+so none of them can be sent any more. The producer is of no further use; the process stops and
+restarts with a new one. A produce request already on the wire when the sender stops cannot be
+recalled: the broker appends it or not when it reads it, in practice at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+import faust
+import structlog
+from aiokafka.conn import CloseReason
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+from faust.exceptions import NotReady
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
+from faust.types import TP
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
+
+from worker.config import Settings
+from worker.consumer import seek_to_committed_or_beginning
+from worker.dispatcher import PRODUCER_CLOSED, Dispatcher
+from worker.errors import InvalidRequestError, ProducerClosedError
+from worker.limits import fit_dead_letter
+from worker.messages import ChatDelta, ChatResponse, Headers, dead_letter_headers
+
+log = structlog.get_logger(__name__)
+
+
+class IdempotentProducer(AIOKafkaProducer):
+    """Faust's producer with idempotence on.
+
+    Faust enables it only under ``exactly_once``, which would hold every delta back until the
+    transaction commits. Idempotence alone keeps a partition's records in order and free of
+    producer-retry duplicates, which is what the delta stream needs.
+    """
+
+    def _settings_extra(self) -> dict[str, Any]:
+        return {"acks": "all", "enable_idempotence": True}
+
+
+def _transactional(producer: Any) -> bool:
+    # aiokafka's ``send`` refuses records outside a transaction on a transactional producer;
+    # the direct path must not skip that check (this worker's producer is idempotent only).
+    txn = producer._txn_manager  # noqa: SLF001  aiokafka has no public "is transactional"
+    return txn is not None and txn.transactional_id is not None
+
+
+class KafkaPublisher:
+    """Publishes the worker's outputs through Faust's producer (one producer per process)."""
+
+    #: Conversations whose delta partition is remembered; the map is dropped when it is full.
+    MAX_REMEMBERED_PARTITIONS = 65_536
+
+    def __init__(
+        self, app: faust.App, settings: Settings, *, also_written: Sequence[str] = ()
+    ) -> None:
+        self._app = app
+        #: The producer's ``max_request_size``: no record larger than this may be sent.
+        self.max_record_bytes: int = app.conf.producer_max_request_size
+        self._deltas = settings.topic_deltas
+        self._responses = settings.topic_responses
+        self._dlq = settings.topic_dlq
+        self._delta_partitions: dict[bytes, TopicPartition] = {}
+        #: Every topic this process writes to: the outputs, and ``also_written`` (the changelog).
+        self.written_topics = (self._deltas, self._responses, self._dlq, *also_written)
+        self._tracking = False
+
+    def _track_written_topics(self, producer: Any) -> None:
+        """Have the producer keep every written topic in its metadata, from the first write on.
+
+        aiokafka fetches the metadata of all topics until it is asked for one it does not know
+        (a send to it); from then on it refreshes only the topics asked for so. A topic known
+        from an all-topics fetch was never asked for: it drops out of the metadata at the next
+        refresh, and a batch for it that was still waiting then is never sent: its partition
+        stalls (seen with the changelog created late at start-up). Tracked from the start, no
+        written topic can drop out.
+        """
+        if not self._tracking:
+            for topic in self.written_topics:
+                producer.client.add_topic(topic)
+            self._tracking = True
+
+    async def send_delta(self, delta: ChatDelta, headers: Headers) -> Awaitable[object]:
+        key = delta.conversation_id.encode()
+        producer = self._aiokafka_producer()
+        # The producer would hash the key again for every delta (pure-Python murmur2 and two
+        # copies of the partition list): the partition of a conversation is looked up once.
+        tp = self._delta_partitions.get(key)
+        if tp is not None and not _transactional(producer):
+            # A known partition goes straight into the producer's batch for it: what ``send``
+            # does last, without its per-record metadata wait, partition check (a new set of the
+            # topic's partitions each time), key/value serializer calls and debug log: ~7 us a
+            # delta, 8% of the worker's CPU flat out. Same batches, sequence numbers and acks.
+            # The skipped size check holds anyway: the handler splits text that would not fit
+            # (``worker.limits.MAX_DELTA_TEXT_BYTES``), so a delta record is never near a limit.
+            return cast(
+                Awaitable[object],
+                await producer._message_accumulator.add_message(  # noqa: SLF001  into the batch: docs/design.md §10.4
+                    tp,
+                    key,
+                    delta.encode(),
+                    producer._request_timeout_ms / 1000,  # noqa: SLF001  send's own timeout
+                    headers=headers,
+                ),
+            )
+        # Only reached before the fast path above: its batches need the topic tracked.
+        self._track_written_topics(producer)
+        # Straight to the aiokafka producer under Faust's (the same instance and settings):
+        # Faust's send adds, per record, a check of the headers against ``typing.Mapping`` and an
+        # ``on_produce_message`` signal nobody here listens to: a few us per delta, for nothing.
+        fut: Awaitable[object] = await producer.send(
+            self._deltas,
+            delta.encode(),
+            key=key,
+            partition=None if tp is None else tp.partition,
+            headers=headers,
+        )
+        if tp is None:
+            # After a send, so the topic's metadata is known; same partitioner, same answer.
+            if len(self._delta_partitions) >= self.MAX_REMEMBERED_PARTITIONS:
+                self._delta_partitions.clear()
+            partition = self._app.producer.key_partition(self._deltas, key).partition
+            self._delta_partitions[key] = TopicPartition(self._deltas, partition)
+        return fut
+
+    def _aiokafka_producer(self) -> Any:
+        # ``_ensure_producer`` is Faust's own accessor (faust-streaming is pinned); it raises
+        # NotReady before the producer has started.
+        return cast(Any, self._app.producer)._ensure_producer()  # noqa: SLF001  no public getter
+
+    async def send_response(self, response: ChatResponse, headers: Headers) -> None:
+        self._track_written_topics(self._aiokafka_producer())
+        fut = await self._app.producer.send(
+            self._responses,
+            response.conversation_id.encode(),
+            response.encode(),
+            None,
+            None,
+            list(headers),
+        )
+        # Faust flushes before committing but never surfaces a failed send: await this one.
+        await fut
+
+    async def flush_within(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the broker's answer to every record the producer holds."""
+        try:
+            producer = self._aiokafka_producer()
+        except NotReady:
+            return True  # a producer that never started holds nothing
+        return await flush_within(producer, timeout_s)
+
+    async def drop_held_records(self, reason: str) -> dict[str, int]:
+        """Drop what the producer holds, so none of it is ever sent; returns the count by topic."""
+        return await drop_held_records(self._aiokafka_producer(), reason)
+
+    async def send_dead_letter(self, event: Any, error: InvalidRequestError) -> None:
+        self._track_written_topics(self._aiokafka_producer())
+        message = event.message
+        headers = dead_letter_headers(
+            list(message.headers or ()),
+            reason=error.reason,
+            detail=error.detail or "",
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+        )
+        # A record may be larger than this producer may send (the request topic's limit is the
+        # broker's, not ours): it is dead-lettered cut to fit, with a header saying so.
+        key, value, fitted = fit_dead_letter(
+            message.key, message.value, headers, max_bytes=self.max_record_bytes
+        )
+        if len(fitted) != len(headers):
+            log.warning(
+                "dead letter cut to fit a record",
+                original_bytes=len(message.value or b""),
+                limit=self.max_record_bytes,
+            )
+        fut = await self._app.producer.send(self._dlq, key, value, None, None, cast(Any, fitted))
+        await fut
+
+
+#: How long a stopped sender gets to wind down its requests in flight (they fail at once: their
+#: connections are closed first).
+SENDER_STOP_S = 1.0
+
+
+async def flush_within(producer: Any, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` until the broker acked (or refused) every record ``producer`` holds.
+
+    Returns False when records were still held at the deadline.
+    """
+    flush = asyncio.ensure_future(producer.flush())
+    done, _ = await asyncio.wait([flush], timeout=max(timeout_s, 0.0))
+    if not done:
+        flush.cancel()  # only a wait on the batches: cancelling it leaves them as they are
+        return False
+    return True
+
+
+async def drop_held_records(producer: Any, reason: str) -> dict[str, int]:
+    """Stop ``producer`` sending and fail every record it holds; returns their count per topic.
+
+    Afterwards nothing of what it held can reach the broker. A later send on it fails with a
+    ``KafkaError`` carrying ``reason`` (after waiting, up to the request timeout, for its topic's
+    metadata if the producer has none): the producer is of no further use.
+    """
+    accumulator = producer._message_accumulator  # noqa: SLF001  the held batches
+    sender_task = producer._sender.sender_task  # noqa: SLF001  the task that sends them
+    if sender_task is not None:
+        sender_task.cancel()  # no more batches drained, no more retries
+    for conn in list(producer.client._conns.values()):  # noqa: SLF001  its connections
+        conn.close(reason=CloseReason.SHUTDOWN)  # requests in flight fail now, not at their timeout
+    if sender_task is not None:
+        # Its requests in flight end first (each puts its batch back for a retry that never comes).
+        await asyncio.wait([sender_task], timeout=SENDER_STOP_S)
+    batches = accumulator._batches.values()  # noqa: SLF001  batches not sent yet
+    queued = [batch for per_partition in batches for batch in per_partition]
+    held = queued + list(accumulator._pending_batches)  # noqa: SLF001  batches in flight
+    # A batch that went out and came back for a retry has a callback that takes it out of the
+    # in-flight set once it is done: it must be in that set when it fails.
+    retried = (batch for batch in queued if batch.retry_count > 0)
+    accumulator._pending_batches.update(retried)  # noqa: SLF001  as a sent batch is
+    for batch in held:
+        for future, _ in batch._msg_futures:  # noqa: SLF001  each record's future
+            future.add_done_callback(_retrieve)  # nobody may be left to await it
+    accumulator.fail_all(KafkaError(reason))
+    dropped: dict[str, int] = {}
+    for batch in held:
+        dropped[batch.tp.topic] = dropped.get(batch.tp.topic, 0) + batch.record_count
+    return dropped
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class RewindingConsumerThread(AIOKafkaConsumerThread):
+    """The consumer thread whose ``seek_to_committed`` also rewinds uncommitted partitions."""
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        # Typed ``int`` by Faust; aiokafka's values are None where nothing is committed.
+        changelogs = set(self.app.tables.changelog_topics)
+        result: Mapping[TP, int] = await self.call_thread(
+            seek_to_committed_or_beginning, self._ensure_consumer(), changelogs
+        )
+        return result
+
+
+class RewindingConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`."""
+
+    def _new_consumer_thread(self) -> RewindingConsumerThread:
+        return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class SteadyFlowControl(FlowControlEvent):
+    """Faust's flow control, except that resuming a flow that is not suspended clears nothing.
+
+    ``resume()`` empties every stream queue. At the end of table recovery Faust resumes the
+    stream partitions, seeks them to the committed offset with the fetcher already running (flow
+    control was resumed for the changelog reads), and only then calls ``resume()`` again: records
+    queued in that window were emptied out and, being past the seek, never fetched again. Once
+    later records were acked the commit passed them: requests lost. Emptying is for records
+    queued before a suspension; with nothing suspended, nothing in the queues is stale.
+    """
+
+    def resume(self) -> None:
+        if self.is_active():
+            return
+        super().resume()
+
+
+#: Second-generation collections between full ones (CPython's default is 10).
+FULL_COLLECTION_THRESHOLD = 100
+
+
+class FaustApp(faust.App):
+    """faust.App with two hooks: release the dispatcher's records before Faust drains them, and
+    keep records queued after a recovery (:class:`SteadyFlowControl`).
+
+    Faust calls ``_consumer_wait_empty`` on shutdown and on every partition revocation, after it
+    has stopped fetching and before it waits for unacked records and commits. It is a private
+    method of the pinned faust-streaming version; the e2e shutdown and rebalance tests cover it.
+    """
+
+    dispatcher: Dispatcher | None = None
+    shutdown_grace_s: float = 25.0
+    rebalance_grace_s: float = 3.0
+    #: Closes the Vapi client's connections once Faust has stopped (set by ``worker.app.assemble``).
+    close_vapi_client: Callable[[], Awaitable[None]] | None = None
+
+    async def on_started(self) -> None:
+        await super().on_started()
+        # Everything built to start the worker (Faust, aiokafka, pydantic schemas: ~100k objects)
+        # lives as long as the process. Left in the collector's oldest generation, every full
+        # collection walked all of it: pauses of up to 200 ms on this 2-core machine, which
+        # stalled every stream at once and were most of the delta p99. Frozen, they are skipped.
+        gc.collect()
+        gc.freeze()
+        # Full collections still took 25-50 ms over what a running worker holds (taken records,
+        # streams, producer batches), one or two per 10 s of load (measured with gc.callbacks);
+        # ten times rarer, they drop out of a run. Young collections keep their default pace.
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self.close_vapi_client is not None:
+            await self.close_vapi_client()
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return SteadyFlowControl(loop=self.loop)
+
+    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        delivered = True
+        stopping = bool(self.should_stop)
+        if self.dispatcher is not None:
+            grace = self.shutdown_grace_s if stopping else self.rebalance_grace_s
+            delivered = await self.dispatcher.release(grace)
+        await super()._consumer_wait_empty(consumer, logger)
+        if not delivered and not stopping:
+            # A rebalance: Faust crashes the app on this, and the process exits for a restart.
+            raise ProducerClosedError(PRODUCER_CLOSED)
