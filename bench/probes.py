@@ -46,6 +46,8 @@ class ProbeSummary:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    #: When the slowest of them started (s since the worker's start).
+    slowest_at_s: float | None
     #: Polls that reached the server and took longer than the probe timeout (or timed out).
     slower_than_timeout: int
     #: When the path first answered 200 within the probe timeout; None: never.
@@ -78,7 +80,9 @@ def summarize(path: str, samples: Sequence[Sample], probe_timeout_s: float) -> P
     """Sum up the polls of one path, judged against a probe timeout of ``probe_timeout_s``."""
     ordered = sorted(samples, key=lambda s: s.at_s)
     statuses = Counter(str(s.status) for s in ordered)
-    reached = [s.latency_s for s in ordered if s.status not in (REFUSED, ERROR)]
+    reached_samples = [s for s in ordered if s.status not in (REFUSED, ERROR)]
+    reached = [s.latency_s for s in reached_samples]
+    slowest = max(reached_samples, key=lambda s: s.latency_s, default=None)
     first_ok = next((s.at_s for s in ordered if passed(s, probe_timeout_s)), None)
     longest, most, run, failing_since = 0.0, 0, 0, None
     if first_ok is not None:
@@ -108,6 +112,7 @@ def summarize(path: str, samples: Sequence[Sample], probe_timeout_s: float) -> P
         p50_ms=ms(percentile(reached, 0.50)) if reached else None,
         p99_ms=ms(percentile(reached, 0.99)) if reached else None,
         max_ms=ms(max(reached)) if reached else None,
+        slowest_at_s=None if slowest is None else round(slowest.at_s, 2),
         slower_than_timeout=sum(1 for latency in reached if latency > probe_timeout_s),
         first_ok_s=None if first_ok is None else round(first_ok, 2),
         longest_failing_s=round(longest, 2),

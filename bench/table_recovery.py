@@ -523,7 +523,7 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
     )
     print(
         f"{'phase':<11} {'path':<8} {'polls':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-        f"{'slow':>5} {'first ok s':>10} {'failing s':>9}  statuses"
+        f"{'at s':>7} {'slow':>5} {'first ok s':>10} {'failing s':>9}  statuses"
     )
     for p in phases:
         for probe in p.probes:
@@ -531,7 +531,8 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
             print(
                 f"{p.name:<11} {probe['path']!s:<8} {probe['polls']!s:>6} "
                 f"{_cell(probe['p50_ms']):>7} {_cell(probe['p99_ms']):>7} "
-                f"{_cell(probe['max_ms']):>7} {probe['slower_than_timeout']!s:>5} "
+                f"{_cell(probe['max_ms']):>7} {_cell(probe['slowest_at_s']):>7} "
+                f"{probe['slower_than_timeout']!s:>5} "
                 f"{_cell(first_ok):>10} {_cell(probe['longest_failing_s']):>9}  "
                 f"{probe['statuses']}"
             )

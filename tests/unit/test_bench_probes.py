@@ -67,6 +67,7 @@ def test_slow_answers_after_the_first_ok_are_failures_spanning_until_the_next_pa
     assert summary.longest_failing_s == 14.0  # from 2.0 until the pass at 16.0
     assert summary.slower_than_timeout == 2
     assert summary.max_ms == 10_000.0
+    assert summary.slowest_at_s == 6.0
     assert summary.statuses == {"200": 4, "503": 1, "refused": 1, "timeout": 1}
 
 
@@ -89,5 +90,6 @@ def test_no_polls() -> None:
     summary = summarize("/healthz", [], 3.0)
     assert summary.polls == 0
     assert summary.p50_ms is None
+    assert summary.slowest_at_s is None
     assert summary.max_ms is None
     assert summary.first_ok_s is None
