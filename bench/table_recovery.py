@@ -18,7 +18,7 @@ RSS (psutil) once ready and at its peak:
 ``--phases`` picks some of them. Throughout each phase, ``/healthz`` and ``/readyz`` are polled
 every 150 ms on a new connection, as the kubelet probes them (``bench.probes``): what they
 answered and how fast while the table was recovered, judged against the liveness probe's
-timeout (``--probe-timeout-s``, 3 s as in the Deployment).
+timeout (``--probe-timeout-s``, 6 s as in the Deployment).
 
 ``--store rocksdb`` runs the worker through ``bench.rocksdb_worker``: the table in Faust's
 RocksDB store (needs ``rocksdict``, which the project does not install) instead of the
@@ -88,7 +88,7 @@ STORE_PHASES = {
     "rocksdb": ("empty", "full", "restart"),
 }
 #: The liveness probe's timeout in the Deployment: a slower answer is a failed probe.
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 6.0
 
 
 @dataclass
