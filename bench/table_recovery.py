@@ -11,7 +11,18 @@ RSS (psutil) once ready and at its peak:
 ``expiring``    a TTL of 60 s: it recovers them all, then its sweep (every 6 s) deletes every
                 one; the time from ready until every tombstone is acknowledged;
 ``tombstones``  the changelog holds every value and its tombstone, not yet compacted;
-``compacted``   after the broker's log cleaner ran over it (local broker only).
+``compacted``   after the broker's log cleaner ran over it (local broker only);
+``restart``     ``--store rocksdb`` only: the ``full`` worker's RocksDB directory kept, as a
+                persistent volume would keep it.
+
+``--phases`` picks some of them. Throughout each phase, ``/healthz`` and ``/readyz`` are polled
+every 150 ms on a new connection, as the kubelet probes them (``bench.probes``): what they
+answered and how fast while the table was recovered, judged against the liveness probe's
+timeout (``--probe-timeout-s``, 6 s as in the Deployment).
+
+``--store rocksdb`` runs the worker through ``bench.rocksdb_worker``: the table in Faust's
+RocksDB store (needs ``rocksdict``, which the project does not install) instead of the
+worker's in-memory one, for the phases ``empty``, ``full`` and ``restart``.
 
 The changelog is created as Faust creates it (``cleanup.policy=compact``, the broker's default
 1 GiB segments), so up to ``tombstones`` nothing of it is cleaned: a segment is cleaned once it
@@ -26,12 +37,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,6 +55,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.partitioner import murmur2
 
 from bench.kafka import Topics
+from bench.probes import Prober
 from bench.procs import (
     RUN_DIR,
     SIM_KEY,
@@ -68,6 +81,14 @@ CLEAN_NOW_CONFIG = {
     "min.cleanable.dirty.ratio": "0.01",
     "delete.retention.ms": "0",
 }
+#: The phases in the order they run, and those of each store.
+PHASES = ("empty", "full", "restart", "expiring", "tombstones", "compacted")
+STORE_PHASES = {
+    "memory": ("empty", "full", "expiring", "tombstones", "compacted"),
+    "rocksdb": ("empty", "full", "restart"),
+}
+#: The liveness probe's timeout in the Deployment: a slower answer is a failed probe.
+PROBE_TIMEOUT_S = 6.0
 
 
 @dataclass
@@ -82,9 +103,14 @@ class Phase:
     rss_ready_mib: float
     rss_peak_mib: float
     conversations: int
+    store: str = "memory"
+    #: ``--store rocksdb``: the size of the table's RocksDB directory once ready.
+    store_dir_mib: float | None = None
     #: ``expiring`` only: from ready until every tombstone was acknowledged.
     expired_s: float | None = None
     rss_after_expiry_mib: float | None = None
+    #: What ``/healthz`` and ``/readyz`` answered (``bench.probes.ProbeSummary`` as dicts).
+    probes: list[dict[str, object]] = field(default_factory=list)
 
 
 def say(message: str) -> None:
@@ -107,11 +133,44 @@ def _parser() -> argparse.ArgumentParser:
         default=600,
         help="longest wait for the log cleaner (0: skip the compacted phase)",
     )
+    parser.add_argument(
+        "--store",
+        choices=sorted(STORE_PHASES),
+        default="memory",
+        help="the table's store: the worker's own (memory) or Faust's RocksDB (needs rocksdict)",
+    )
+    parser.add_argument(
+        "--phases",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        help=f"comma-separated, among {', '.join(PHASES)} (default: every one of the store)",
+    )
+    parser.add_argument(
+        "--probe-timeout-s",
+        type=float,
+        default=PROBE_TIMEOUT_S,
+        help="a probe answered slower than this counts as failed",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    allowed = STORE_PHASES[args.store]
+    if args.phases is None:
+        args.phases = list(allowed)
+    unknown = [name for name in args.phases if name not in allowed]
+    if unknown:
+        parser.error(
+            f"--store {args.store} has no phase {', '.join(unknown)}: {', '.join(allowed)}"
+        )
+    if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:
+        print(
+            "table_recovery: --store rocksdb needs rocksdict, which the project does not install:"
+            " .venv/bin/pip install rocksdict",
+            file=sys.stderr,
+        )
+        return 2
     RUN_DIR.mkdir(exist_ok=True)
     broker = LocalBroker() if args.bootstrap is None else None
     try:
@@ -140,24 +199,28 @@ async def _run(
 
     simulator = Simulator(Pacing(1, 0, 0), RUN_DIR / f"{tag}-simulator.log").start()
     phases: list[Phase] = []
+    wanted = set(args.phases)
+
+    async def phase(name: str, on: Topics, ttl_s: float = 30 * DAY_S, expire: int = 0) -> None:
+        if name in wanted:
+            found = await _phase(
+                name, on, bootstrap, simulator, partitions, ttl_s, args, expire=expire
+            )
+            phases.append(found)
+
     try:
-        empty = Topics.unique(f"{tag}-empty")
-        await _create_topics(bootstrap, empty, f"{empty.app_id}-chat-state-changelog", partitions)
-        phases.append(await _phase("empty", empty, bootstrap, simulator, partitions, 30 * DAY_S))
-        phases.append(await _phase("full", topics, bootstrap, simulator, partitions, 30 * DAY_S))
-        phases.append(
-            await _phase(
-                "expiring", topics, bootstrap, simulator, partitions, EXPIRING_TTL_S, expire=n
-            )
-        )
-        phases.append(
-            await _phase("tombstones", topics, bootstrap, simulator, partitions, 30 * DAY_S)
-        )
-        if broker is not None and args.compaction_wait_s > 0:
+        if "empty" in wanted:
+            empty = Topics.unique(f"{tag}-empty")
+            empty_changelog = f"{empty.app_id}-chat-state-changelog"
+            await _create_topics(bootstrap, empty, empty_changelog, partitions)
+            await phase("empty", empty)
+        await phase("full", topics)
+        await phase("restart", topics)
+        await phase("expiring", topics, EXPIRING_TTL_S, expire=n)
+        await phase("tombstones", topics)
+        if "compacted" in wanted and broker is not None and args.compaction_wait_s > 0:
             stats.update(await _compact(bootstrap, broker, changelog, partitions, args))
-            phases.append(
-                await _phase("compacted", topics, bootstrap, simulator, partitions, 30 * DAY_S)
-            )
+            await phase("compacted", topics)
     finally:
         simulator.stop()
     return phases, stats
@@ -229,10 +292,17 @@ async def _phase(
     simulator: Simulator,
     partitions: int,
     ttl_s: float,
+    args: argparse.Namespace,
     *,
     expire: int = 0,
 ) -> Phase:
     port = free_port()
+    argv = [sys.executable, "-m", "worker", "run"]
+    store_dir: Path | None = None
+    if args.store == "rocksdb":
+        # One directory per app id: ``restart`` finds what ``full`` wrote.
+        store_dir = RUN_DIR / f"{topics.app_id}-rocksdb"
+        argv = [sys.executable, "-m", "bench.rocksdb_worker", "run"]
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -245,11 +315,15 @@ async def _phase(
         "LOG_FORMAT": "json",
         **topics.env(),
     }
+    if store_dir is not None:
+        env["BENCH_TABLE_DATADIR"] = str(store_dir)
     log_path = RUN_DIR / f"{topics.app_id}-{name}.log"
-    process = ServiceProcess([sys.executable, "-m", "worker", "run"], env, log_path, name)
+    process = ServiceProcess(argv, env, log_path, name)
     base = f"http://127.0.0.1:{port}"
+    prober = Prober(base)
     started = time.monotonic()
     process.start()
+    prober.start(started)
     try:
         async with httpx.AsyncClient(base_url=base, timeout=5) as http:
             await _until(lambda: _ready(http), process, 1800, "ready")
@@ -264,6 +338,8 @@ async def _phase(
                 rss_ready_mib=rss_ready,
                 rss_peak_mib=0.0,
                 conversations=int((await _metrics(http)).get("chat_worker_conversations", -1)),
+                store=args.store,
+                store_dir_mib=None if store_dir is None else _mib(_dir_bytes(store_dir)),
             )
             say(
                 f"{name}: ready after {ready_s:.1f} s (restore {phase.restore_s} s), "
@@ -285,7 +361,9 @@ async def _phase(
                 )
                 say(f"{name}: all {expire} expired after {phase.expired_s} s")
     finally:
+        await prober.stop()
         await asyncio.to_thread(process.stop)
+    phase.probes = [asdict(found) for found in prober.summaries(args.probe_timeout_s)]
     assert process.sampler is not None
     phase.rss_peak_mib = round(process.sampler.peak_rss / 2**20, 1)
     return phase
@@ -393,6 +471,14 @@ async def _compact(
     }
 
 
+def _dir_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def _mib(size: int) -> float:
+    return round(size / 2**20, 1)
+
+
 def _bytes_on_disk(data: Path, topic: str) -> int:
     return sum(
         path.stat().st_size
@@ -406,7 +492,9 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
     empty = next((p for p in phases if p.name == "empty"), None)
     full = next((p for p in phases if p.name == "full"), None)
     print()
-    print(f"chat-state table, {n:,} conversations, {args.partitions} partitions")
+    print(
+        f"chat-state table, {n:,} conversations, {args.partitions} partitions, {args.store} store"
+    )
     print(
         f"{'phase':<11} {'ready s':>8} {'restore s':>10} {'RSS MiB':>8} {'peak MiB':>9} "
         f"{'entries':>9}  note"
@@ -415,6 +503,8 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
         note = ""
         if p.expired_s is not None:
             note = f"all expired {p.expired_s} s after ready; RSS then {p.rss_after_expiry_mib}"
+        if p.store_dir_mib is not None:
+            note = f"RocksDB directory {p.store_dir_mib} MiB"
         restore = "-" if p.restore_s is None else f"{p.restore_s:.1f}"
         print(
             f"{p.name:<11} {p.ready_s:>8.1f} {restore:>10} {p.rss_ready_mib:>8.1f} "
@@ -426,13 +516,35 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
         print(f"memory per conversation (full - empty RSS): {per_entry} bytes")
     for key, value in stats.items():
         print(f"{key}: {value}")
+    print()
+    print(
+        f"probes every 150 ms on a new connection; failed: not 2xx/3xx within "
+        f"{args.probe_timeout_s:g} s; latencies of the polls that reached the server"
+    )
+    print(
+        f"{'phase':<11} {'path':<8} {'polls':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'at s':>7} {'slow':>5} {'first ok s':>10} {'failing s':>9}  statuses"
+    )
+    for p in phases:
+        for probe in p.probes:
+            first_ok = probe["first_ok_s"]
+            print(
+                f"{p.name:<11} {probe['path']!s:<8} {probe['polls']!s:>6} "
+                f"{_cell(probe['p50_ms']):>7} {_cell(probe['p99_ms']):>7} "
+                f"{_cell(probe['max_ms']):>7} {_cell(probe['slowest_at_s']):>7} "
+                f"{probe['slower_than_timeout']!s:>5} "
+                f"{_cell(first_ok):>10} {_cell(probe['longest_failing_s']):>9}  "
+                f"{probe['statuses']}"
+            )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RUN_DIR / f"table-recovery-{n}-{stamp}.json"
+    out = RUN_DIR / f"table-recovery-{args.store}-{n}-{stamp}.json"
     out.write_text(
         json.dumps(
             {
                 "conversations": n,
                 "partitions": args.partitions,
+                "store": args.store,
+                "probe_timeout_s": args.probe_timeout_s,
                 "ids_kept": args.ids_kept,
                 "phases": [asdict(p) for p in phases],
                 "bytes_per_conversation": per_entry,
@@ -442,6 +554,10 @@ def _report(args: argparse.Namespace, phases: list[Phase], stats: dict[str, obje
         )
     )
     print(f"written to {out}")
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 if __name__ == "__main__":

@@ -116,11 +116,15 @@ def run_worker(settings: Settings) -> int:
     async def check_broker() -> None:
         metrics.broker_reachable.set(1 if await broker.check() else 0)
 
-    @assembly.app.task  # type: ignore[untyped-decorator]  # faust's decorators are untyped
     async def serve_ops() -> None:
         await check_broker()
         await ops.start()
         log.info("ops endpoints up", port=ops.port, paths=["/metrics", "/healthz", "/readyz"])
+
+    # Up before Faust starts, on the loop Faust then runs: Faust starts an app's tasks and timers
+    # only once its tables are recovered, and the startup and liveness probes must be answered
+    # while they are (README, "Performance, measured"), with /readyz saying what is still to do.
+    loop.run_until_complete(serve_ops())
 
     @assembly.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def probe_broker() -> None:

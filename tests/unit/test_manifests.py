@@ -22,6 +22,7 @@ How each kind of file is validated:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -41,6 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from worker.config import Settings
 from worker.metrics import WorkerMetrics
+from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.unit
 
@@ -115,6 +117,12 @@ KEDA_CRDS = {
 #: Minimum seconds between the end of the worker's drain (WORKER_SHUTDOWN_GRACE_S, then at most
 #: WORKER_FINISH_TIMEOUT_S for final steps under way) and the SIGKILL.
 SHUTDOWN_MARGIN_S = 10
+
+#: The README's row (in "Performance, measured") of the slowest /healthz answers measured while a
+#: worker replayed its table's changelog, one figure per table size.
+HEALTHZ_DURING_REPLAY_ROW = "| `/healthz` during the replay: slowest answer (p99) |"
+#: Seconds the startup probe allows beyond the start's wait for the broker (imports, the app).
+STARTUP_ROOM_S = 30
 
 APT_HINT = "apt-get install -y --no-install-recommends prometheus"
 METRIC_NAME = re.compile(r"\bchat_worker_[A-Za-z0-9_]+")
@@ -639,6 +647,39 @@ def test_probes_hit_the_ops_port() -> None:
         ("readinessProbe", "/readyz"),
     ):
         assert container()[probe]["httpGet"] == {"path": path, "port": "http-ops"}
+
+
+def slowest_healthz_during_replay_ms() -> list[float]:
+    """The README's slowest /healthz answers during a replay, in ms (each column's first)."""
+    section = readme_section("Performance, measured")
+    (row,) = [line for line in section.splitlines() if line.startswith(HEALTHZ_DURING_REPLAY_ROW)]
+    cells = row.removeprefix(HEALTHZ_DURING_REPLAY_ROW).strip(" |").split("|")
+    found = [re.match(r"\s*([\d,.]+) (ms|s)\b", cell) for cell in cells]
+    assert all(found), f"a cell without a figure in: {row}"
+    return [
+        float(match.group(1).replace(",", "")) * (1000 if match.group(2) == "s" else 1)
+        for match in found
+        if match is not None
+    ]
+
+
+def test_liveness_timeout_is_twice_the_slowest_healthz_answer_during_a_replay() -> None:
+    """A changelog replay runs on the event loop /healthz answers from: the liveness probe's
+    timeout is at least twice the slowest answer measured during one, and a restart takes three
+    misses in a row."""
+    probe = container()["livenessProbe"]
+    slowest = slowest_healthz_during_replay_ms()
+    assert slowest
+    assert probe["timeoutSeconds"] * 1000 >= 2 * max(slowest)
+    assert probe["failureThreshold"] >= 3
+
+
+def test_startup_probe_covers_the_broker_wait_at_start() -> None:
+    """/healthz answers before the table is recovered (tests/e2e/test_probes_during_recovery.py),
+    so the startup probe covers only the start: its wait for the broker, then the rest."""
+    broker_wait_s = inspect.signature(ensure_topics).parameters["timeout_s"].default
+    probe = container()["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= broker_wait_s + STARTUP_ROOM_S
 
 
 def test_unready_pods_can_always_be_evicted() -> None:
