@@ -54,6 +54,7 @@ import httpx
 import pydantic_core
 from pydantic import SecretStr
 
+from worker.config import setting_default
 from worker.errors import (
     ConfigError,
     VapiAuthError,
@@ -105,7 +106,7 @@ class VapiClient:
         api_key: SecretStr,
         timeouts: VapiTimeouts,
         *,
-        max_connections: int = 512,
+        max_connections: int = setting_default("vapi_max_connections"),
         transport: httpx.AsyncBaseTransport | None = None,
         on_malformed: Callable[[str], None] | None = None,
         scrub: Iterable[SecretStr] = (),
