@@ -25,10 +25,12 @@ import faust
 import httpx
 from httpx_sse import aconnect_sse
 
+from worker.config import setting_default
+
 
 def build_app(env: dict[str, str]) -> faust.App:
     """The baseline app, configured from ``env``."""
-    partitions = int(env.get("TOPIC_PARTITIONS", "8"))
+    partitions = int(env.get("TOPIC_PARTITIONS", setting_default("topic_partitions")))
     app = faust.App(
         env["WORKER_APP_ID"],
         broker=f"kafka://{env['KAFKA_BOOTSTRAP_SERVERS']}",

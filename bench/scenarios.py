@@ -6,6 +6,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from bench.procs import Pacing
+from worker.config import setting_default
+
+#: Both loads run on the worker's default topic layout.
+DEFAULT_PARTITIONS: int = setting_default("topic_partitions")
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ PACED = Scenario(
     reply_tokens=100,
     inter_token_delay_ms=50,
     first_token_latency_ms=100,
-    partitions=8,
+    partitions=DEFAULT_PARTITIONS,
     baseline_fraction=0.02,
 )
 #: The simulator streams as fast as it can: the worker's delta throughput is what is measured.
@@ -69,7 +73,7 @@ FAST = Scenario(
     reply_tokens=100,
     inter_token_delay_ms=0,
     first_token_latency_ms=0,
-    partitions=8,
+    partitions=DEFAULT_PARTITIONS,
     baseline_fraction=0.02,
 )
 #: Run once, untimed, on a broker the bench started (``bench.run.warm_up``).

@@ -65,6 +65,7 @@ from bench.procs import (
     Simulator,
     free_port,
 )
+from worker.config import setting_default
 from worker.state import ConversationState, SourcePosition
 
 DAY_S = 86_400
@@ -122,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bench.table_recovery", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--conversations", type=int, default=100_000)
-    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--partitions", type=int, default=setting_default("topic_partitions"))
     parser.add_argument(
         "--ids-kept", type=int, default=4, help="finished request ids in each value"
     )

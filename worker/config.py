@@ -8,7 +8,7 @@ them all; a test keeps that table, the k8s manifests and this model in step.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -156,3 +156,10 @@ class Settings(BaseSettings):
     def effective_vapi_base_url(self) -> str:
         """The base URL to call when the embedded simulator is not in use."""
         return (self.vapi_base_url or VAPI_PUBLIC_URL).rstrip("/")
+
+
+def setting_default(name: str) -> Any:
+    """The default of the setting ``name`` (a ``Settings`` field), for code that offers the same
+    default outside ``Settings`` (a CLI option, a class built without settings): taken from here,
+    never copied, so that the two cannot drift apart."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)

@@ -24,6 +24,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from worker.config import setting_default
+
 Readiness = Callable[[], Mapping[str, bool]]
 Info = Callable[[], Mapping[str, object]]
 Liveness = Callable[[], bool]
@@ -41,7 +43,7 @@ class OpsServer:
         registry: CollectorRegistry,
         readiness: Readiness,
         host: str = "0.0.0.0",  # probes and scrapes come from outside the pod
-        port: int = 6066,
+        port: int = setting_default("worker_http_port"),
         *,
         liveness: Liveness | None = None,
         dependencies: Readiness | None = None,

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Final
 
+from worker.config import setting_default
 from worker.errors import ConfigError, VapiError, VapiRateLimitedError
 
 __all__ = ["RetryPolicy", "SharedBackoff", "parse_retry_after"]
@@ -44,7 +45,7 @@ class RetryPolicy:
     max_attempts: int
     base_delay_s: float
     max_delay_s: float
-    retry_after_max_s: float = 60.0
+    retry_after_max_s: float = setting_default("retry_after_max_s")
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -163,6 +164,22 @@ async def test_many_streams_at_once(vapi: VapiClient, sim: RunningSimulator) -> 
     assert stats["peak_streams_in_flight"] > 1
 
 
+async def test_the_pool_bounds_the_connections_to_vapi(sim: RunningSimulator) -> None:
+    """With ``max_connections=2``, six calls at once all complete, never more than two at a
+    time: the others wait for a pooled connection."""
+    async with VapiClient(sim.base_url, SecretStr(KEY), ROOMY, max_connections=2) as vapi:
+        results = await asyncio.gather(
+            *(
+                _collect(vapi, f"[[sim:pace tokens=4 delay_ms=50]] q{i}", request_id=f"r{i}")
+                for i in range(6)
+            )
+        )
+    assert all(error is None and len(deltas) == 4 for deltas, error in results), results
+    stats = await _sim_get(sim, "/_sim/stats")
+    assert stats["calls"] == 6
+    assert stats["peak_streams_in_flight"] == 2
+
+
 # --- HTTP errors -----------------------------------------------------------------------------
 
 
@@ -285,6 +302,25 @@ async def test_refused_connection_is_a_connect_error() -> None:
     async with VapiClient(f"http://127.0.0.1:{port}", SecretStr(KEY), ROOMY) as vapi:
         _, error = await _collect(vapi, "hi")
     assert isinstance(error, VapiConnectError)
+
+
+async def test_a_connect_that_gets_no_answer_is_a_connect_timeout() -> None:
+    """A listener whose accept queue is full drops the SYN: past ``connect_s`` that is
+    VapiTimeoutError(phase=connect), through the real transport."""
+    timeouts = dataclasses.replace(ROOMY, connect_s=0.3)
+    with contextlib.ExitStack() as sockets:
+        server = sockets.enter_context(socket.socket())
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        for _ in range(3):  # fill the accept queue; nothing is ever accepted
+            filler = sockets.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        async with VapiClient(f"http://127.0.0.1:{port}", SecretStr(KEY), timeouts) as vapi:
+            _, error = await _collect(vapi, "hi")
+    assert isinstance(error, VapiTimeoutError), error
+    assert error.phase == "connect"
 
 
 async def test_disconnect_mid_stream_is_a_broken_stream(vapi: VapiClient) -> None:

@@ -1,16 +1,19 @@
-"""Fixtures of the end-to-end tests: each test's own topics, and a simulator process.
+"""Fixtures of the end-to-end tests: each test's own topics, a simulator process, and the
+worker processes of a test.
 
-A test module that needs another simulator (other arguments, another key) defines its own
-``simulator`` fixture, which takes precedence over this one.
+A test module that needs another simulator (other arguments, another key) or workers with other
+common settings defines its own ``simulator`` or ``workers`` fixture, which takes precedence
+over this one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import SimulatorProcess, Topics
+from tests.e2e.harness import SimulatorProcess, Topics, Workers
 
 
 @pytest.fixture
@@ -25,3 +28,13 @@ def simulator() -> Iterator[SimulatorProcess]:
     sim = SimulatorProcess().start()
     yield sim
     sim.stop()
+
+
+@pytest.fixture
+def workers(
+    kafka_bootstrap: str, topics: Topics, simulator: SimulatorProcess, tmp_path: Path
+) -> Iterator[Workers]:
+    """Worker processes started by the test; any still running at its end are killed."""
+    group = Workers(kafka_bootstrap, topics, simulator, tmp_path)
+    yield group
+    group.stop_all()

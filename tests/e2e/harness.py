@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,10 @@ from tests.kafka_fixture import create_topics, delete_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_KEY = "sim-test-key-0123456789"
+#: Faust's group settings (read from the environment): a SIGKILLed member is evicted after 6 s
+#: (the broker's minimum) instead of Faust's default 60 s, so a restarted worker gets its
+#: partitions soon.
+GROUP_ENV = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
 
 def free_port() -> int:
@@ -223,6 +227,35 @@ class WorkerProcess:
         self._log.close()
 
 
+class Workers:
+    """Worker processes of one test: started with common settings (``GROUP_ENV`` first), all
+    stopped at the end (the ``workers`` fixture)."""
+
+    def __init__(
+        self, bootstrap: str, topics: Topics, sim: SimulatorProcess, log_dir: Path, **env: str
+    ) -> None:
+        self._bootstrap, self._topics, self._sim, self._log_dir = bootstrap, topics, sim, log_dir
+        self._env = {**GROUP_ENV, **env}
+        self.started: list[WorkerProcess] = []
+
+    def start(self, name: str, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(
+            self._bootstrap, self._topics, self._sim, self._log_dir, name, **{**self._env, **env}
+        ).start()
+        self.started.append(worker)
+        return worker
+
+    async def start_ready(self, name: str, **env: str) -> WorkerProcess:
+        worker = self.start(name, **env)
+        await asyncio.to_thread(worker.wait_ready, 120)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            if worker.proc is not None and worker.proc.poll() is None:
+                worker.kill()
+
+
 class UnwritableTopic:
     """A topic deleted under a running worker, so that every write to it is retried for good.
 
@@ -366,6 +399,20 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
+async def wait_committed_past(
+    bootstrap: str, topics: Topics, offsets: Mapping[int, int], timeout_s: float = 60
+) -> None:
+    """Wait until the test's group committed past ``offsets`` ({partition: offset}) on the
+    request topic: each of those records is done."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        committed = await committed_offsets(bootstrap, topics.app_id, topics.requests)
+        if all(committed.get(p, 0) > offset for p, offset in offsets.items()):
+            return
+        assert time.monotonic() < deadline, f"not committed past {dict(offsets)}: {committed}"
+        await asyncio.sleep(0.2)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format to ``{'name{labels}': value}``, samples spelled as exposed."""
     samples: dict[str, float] = {}
@@ -374,6 +421,11 @@ def parse_metrics(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+def paced(text: str, tokens: int, delay_ms: int, first_ms: int = 20, extra: str = "") -> str:
+    """``text`` with a simulator pacing directive (and any further directive) in front."""
+    return f"[[sim:pace tokens={tokens} delay_ms={delay_ms} first_ms={first_ms}]]{extra} {text}"
 
 
 def request_record(
@@ -477,3 +529,22 @@ def chains_by_conversation(calls: list[dict[str, Any]]) -> Mapping[str, list[dic
         if call.get("outcome") == "completed" and call.get("request_id"):
             grouped[call["request_id"].rsplit("-", 1)[0]].append(call)
     return grouped
+
+
+def calls_by_request(sim: SimulatorProcess) -> dict[str, list[dict[str, Any]]]:
+    """The simulator's calls so far, by request id, in the order they started."""
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for call in sorted(sim.calls(), key=lambda c: c["started_at"]):
+        found[call["request_id"]].append(call)
+    return found
+
+
+async def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1
+) -> None:
+    """Poll ``condition`` (it may block briefly) until true; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(poll_s)

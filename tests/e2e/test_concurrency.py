@@ -12,7 +12,6 @@ import itertools
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +21,9 @@ from tests.e2e.harness import (
     SimulatorProcess,
     Topics,
     WorkerProcess,
+    calls_by_request,
     committed_offsets,
+    paced,
     parse_metrics,
     produce,
     read_topic,
@@ -30,17 +31,6 @@ from tests.e2e.harness import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-def paced(text: str, *, tokens: int, delay_ms: int, first_ms: int) -> str:
-    return f"{text} [[sim:pace tokens={tokens} delay_ms={delay_ms} first_ms={first_ms}]]"
-
-
-def calls_by_request(calls: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for call in sorted(calls, key=lambda c: c["started_at"]):
-        found[call["request_id"]].append(call)
-    return found
 
 
 def assert_one_completed_response_each(reader: OutputReader, request_ids: list[str]) -> None:
@@ -80,7 +70,7 @@ async def test_one_conversation_stays_serial_while_fifty_others_stream_beside_it
             await reader.wait_for_responses(turns + others, 90)
             assert_one_completed_response_each(reader, turns + others)
 
-        calls = calls_by_request(simulator.calls())
+        calls = calls_by_request(simulator)
         assert all(len(calls[rid]) == 1 for rid in turns + others), calls
         chain = [calls[rid][0] for rid in turns]
         # Strictly one after another, in offset order, each continuing from the one before.
@@ -161,7 +151,7 @@ async def test_a_crash_redelivers_only_the_unfinished_request_behind_the_committ
                 ],
             )
             await reader.wait_for_responses(fast, 60)
-            slow_calls = calls_by_request(simulator.calls())["slow-1"]
+            slow_calls = calls_by_request(simulator)["slow-1"]
             assert len(slow_calls) == 1
             assert slow_calls[0]["ended_at"] is None, "the slow request must still be in flight"
             await _wait_for_changelog(kafka_bootstrap, topics, fast)
@@ -183,7 +173,7 @@ async def test_a_crash_redelivers_only_the_unfinished_request_behind_the_committ
             await _wait_for_commit(kafka_bootstrap, topics, 2 + len(fast))
             assert_one_completed_response_each(reader, ["warm-1", "slow-1", *fast])
 
-        calls = calls_by_request(simulator.calls())
+        calls = calls_by_request(simulator)
         assert {rid: len(found) for rid, found in calls.items()} == {
             "warm-1": 1,
             "slow-1": 2,

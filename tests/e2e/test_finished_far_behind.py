@@ -12,11 +12,9 @@ of chat ids unbroken.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,12 +22,16 @@ from tests.e2e.harness import (
     OutputReader,
     SimulatorProcess,
     Topics,
+    Workers,
+    calls_by_request,
     committed_offsets,
+    paced,
     parse_metrics,
     produce,
     request_record,
+    wait_committed_past,
+    wait_until,
 )
-from tests.e2e.test_worker_faults import Workers, paced, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,23 +59,6 @@ def workers(
     group.stop_all()
 
 
-def _calls_of(sim: SimulatorProcess) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for call in sim.calls():
-        found[call["request_id"]].append(call)
-    return found
-
-
-async def _wait_committed_past(
-    bootstrap: str, topics: Topics, offset: int, timeout_s: float
-) -> None:
-    """Wait until the group's commit on the one request partition is past ``offset``."""
-    deadline = time.monotonic() + timeout_s
-    while (await committed_offsets(bootstrap, topics.app_id, topics.requests)).get(0, 0) <= offset:
-        assert time.monotonic() < deadline, f"the group did not commit past offset {offset}"
-        await asyncio.sleep(0.2)
-
-
 @pytest.mark.timeout(180)
 async def test_turns_finished_far_behind_a_slow_stream_are_not_sent_again_after_a_rebalance(
     kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, workers: Workers
@@ -91,7 +76,7 @@ async def test_turns_finished_far_behind_a_slow_stream_are_not_sent_again_after_
             [request_record("y", SLOW, paced("Take your time.", 6, 20, extra=stall))],
         )
         await wait_until(
-            lambda: any(c["deltas_sent"] >= 2 for c in _calls_of(simulator)[SLOW]),
+            lambda: any(c["deltas_sent"] >= 2 for c in calls_by_request(simulator)[SLOW]),
             60,
             "the slow stream of y",
         )
@@ -103,13 +88,14 @@ async def test_turns_finished_far_behind_a_slow_stream_are_not_sent_again_after_
         await reader.wait_for_responses(turns, 60)
         committed = await committed_offsets(kafka_bootstrap, topics.app_id, topics.requests)
         assert committed.get(0, 0) <= slow.offset, f"committed past the slow stream: {committed}"
-        assert _calls_of(simulator)[SLOW][0]["ended_at"] is None, "the slow stream ended early"
+        slow_call = calls_by_request(simulator)[SLOW][0]
+        assert slow_call["ended_at"] is None, "the slow stream ended early"
 
         await workers.start_ready("second")
         await reader.wait_for_responses([SLOW], 90)
-        await _wait_committed_past(kafka_bootstrap, topics, max(m.offset for m in placed), 60)
+        await wait_committed_past(kafka_bootstrap, topics, {0: max(m.offset for m in placed)})
         await asyncio.sleep(1)  # room for a late duplicate response to show up
-        calls = _calls_of(simulator)
+        calls = calls_by_request(simulator)
         finals = Counter(r["request_id"] for r in reader.outputs.responses)
 
     # The rebalance really redelivered the partition from y's offset: y's turn ran twice.

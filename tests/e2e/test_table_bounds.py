@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -29,27 +27,21 @@ from tests.e2e.harness import (
     SimulatorProcess,
     Topics,
     WorkerProcess,
-    committed_offsets,
+    Workers,
+    calls_by_request,
+    paced,
     parse_metrics,
     produce,
     read_topic,
     request_record,
+    wait_committed_past,
+    wait_until,
 )
-from tests.e2e.test_worker_faults import Workers, calls_by_request, paced, wait_until
 
 pytestmark = pytest.mark.e2e
 
 #: A row of the tables Faust logs at a recovery: topic (or a ditto mark), partition, offset.
 TABLE_ROW = re.compile(r"^\|\s*\S+\s*\|\s*(\d+)\s*\|\s*(-?\d+)\s*\|$", re.MULTILINE)
-
-
-@pytest.fixture
-def workers(
-    kafka_bootstrap: str, topics: Topics, simulator: SimulatorProcess, tmp_path: Path
-) -> Iterator[Workers]:
-    group = Workers(kafka_bootstrap, topics, simulator, tmp_path)
-    yield group
-    group.stop_all()
 
 
 def conversations(worker: WorkerProcess) -> float:
@@ -219,7 +211,7 @@ async def test_each_worker_holds_only_the_conversations_of_its_own_partitions(
         )
         await reader.wait_for_responses([f"{c}-1" for c in many], timeout_s=180)
         # Committed offsets pass a record only after its table write is acknowledged.
-        await _wait_committed(kafka_bootstrap, topics, {0: ends})
+        await wait_committed_past(kafka_bootstrap, topics, {0: ends - 1})
         await asyncio.sleep(3)  # a standby copy is fetched within milliseconds of the write
 
     split(12 + 1_200)
@@ -241,15 +233,3 @@ async def _produce_to(
         return int((await asyncio.gather(*sent))[-1].offset) + 1
     finally:
         await producer.stop()
-
-
-async def _wait_committed(bootstrap: str, topics: Topics, ends: dict[int, int]) -> None:
-    async def done() -> bool:
-        committed = await committed_offsets(bootstrap, topics.app_id, topics.requests)
-        return all(committed.get(p, -1) >= end for p, end in ends.items())
-
-    for _ in range(300):
-        if await done():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"offsets {ends} not committed")

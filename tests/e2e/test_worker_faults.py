@@ -43,25 +43,21 @@ from tests.e2e.harness import (
     Topics,
     UnwritableTopic,
     WorkerProcess,
+    Workers,
+    calls_by_request,
     committed_offsets,
+    paced,
     produce,
     read_topic,
     request_record,
+    wait_committed_past,
+    wait_until,
 )
 from tests.kafka_fixture import LOCAL_KAFKA_SCRIPT, free_ports
 
 pytestmark = pytest.mark.e2e
 
 REPORT = ROOT / ".run" / "fault-report.jsonl"
-#: Faust's group settings (read from the environment): a SIGKILLed member is evicted after 6 s
-#: (the broker's minimum) instead of Faust's default 60 s, so a restarted worker gets its
-#: partitions soon.
-GROUP_ENV = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
-
-
-def paced(text: str, tokens: int, delay_ms: int, first_ms: int = 20, extra: str = "") -> str:
-    """``text`` with a simulator pacing directive (and any further directive) in front."""
-    return f"[[sim:pace tokens={tokens} delay_ms={delay_ms} first_ms={first_ms}]]{extra} {text}"
 
 
 # --- the plan of a run and its invariants -----------------------------------------------------
@@ -333,64 +329,6 @@ async def wait_all_answered(reader: OutputReader, plan: Plan, timeout_s: float) 
         ) from None
 
 
-# --- processes --------------------------------------------------------------------------------
-
-
-class Workers:
-    """Worker processes of one test: started with common settings, all stopped at the end."""
-
-    def __init__(
-        self, bootstrap: str, topics: Topics, sim: SimulatorProcess, log_dir: Path, **env: str
-    ) -> None:
-        self._bootstrap, self._topics, self._sim, self._log_dir = bootstrap, topics, sim, log_dir
-        self._env = {**GROUP_ENV, **env}
-        self.started: list[WorkerProcess] = []
-
-    def start(self, name: str, **env: str) -> WorkerProcess:
-        worker = WorkerProcess(
-            self._bootstrap, self._topics, self._sim, self._log_dir, name, **{**self._env, **env}
-        ).start()
-        self.started.append(worker)
-        return worker
-
-    async def start_ready(self, name: str, **env: str) -> WorkerProcess:
-        worker = self.start(name, **env)
-        await asyncio.to_thread(worker.wait_ready, 120)
-        return worker
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            if worker.proc is not None and worker.proc.poll() is None:
-                worker.kill()
-
-
-@pytest.fixture
-def workers(
-    kafka_bootstrap: str, topics: Topics, simulator: SimulatorProcess, tmp_path: Path
-) -> Iterator[Workers]:
-    group = Workers(kafka_bootstrap, topics, simulator, tmp_path)
-    yield group
-    group.stop_all()
-
-
-async def wait_until(
-    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1
-) -> None:
-    """Poll ``condition`` (it may block briefly) until true; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(poll_s)
-
-
-def calls_by_request(sim: SimulatorProcess) -> dict[str, list[dict[str, Any]]]:
-    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for call in sim.calls():
-        found[call["request_id"]].append(call)
-    return found
-
-
 # --- 1. SIGKILL -------------------------------------------------------------------------------
 
 
@@ -631,13 +569,7 @@ async def wait_committed(
         if call["started_at"] < before and call["request_id"] in plan.placed:
             partition, offset = plan.placed[call["request_id"]]
             touched[partition] = max(offset, touched.get(partition, -1))
-    deadline = time.monotonic() + 120
-    while True:
-        committed = await committed_offsets(bootstrap, topics.app_id, topics.requests)
-        if all(committed.get(p, 0) > offset for p, offset in touched.items()):
-            return
-        assert time.monotonic() < deadline, f"not committed past {touched}: {committed}"
-        await asyncio.sleep(0.2)
+    await wait_committed_past(bootstrap, topics, touched, 120)
 
 
 # --- 2. a worker joins, another leaves --------------------------------------------------------

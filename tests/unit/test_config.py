@@ -1,14 +1,23 @@
-"""Settings: the Vapi key from a mounted file, kept secret, and clear errors for bad values."""
+"""Settings: the Vapi key from a mounted file, kept secret, clear errors for bad values, and the
+defaults that code outside Settings offers for the same thing."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from worker.config import Settings
+from bench import scenarios, table_recovery
+from worker.config import Settings, setting_default
 from worker.errors import ConfigError
+from worker.ops_http import OpsServer
+from worker.retry import RetryPolicy
+from worker.simulator.cli import add_arguments
+from worker.simulator.config import SimulatorConfig
+from worker.vapi.client import VapiClient
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +91,29 @@ def test_validating_settings_twice_keeps_the_key_from_the_file(tmp_path: Path) -
     settings = Settings.model_validate({"vapi_api_key_file": str(key_file)})
     assert settings.vapi_api_key is not None
     assert settings.vapi_api_key.get_secret_value() == "sk-from-the-file"
+
+
+def _parameter_default(function: object, name: str) -> object:
+    return inspect.signature(function).parameters[name].default  # type: ignore[arg-type]
+
+
+def test_defaults_offered_outside_settings_are_the_settings_own() -> None:
+    """A CLI option or a class built without settings defaults to what the setting defaults to."""
+    defaults = Settings.model_construct()  # the declared defaults, whatever the environment says
+    simulator = SimulatorConfig()
+    assert simulator.api_key == defaults.simulator_api_key.get_secret_value()
+    assert simulator.first_token_latency_s == defaults.simulator_first_token_latency_s
+    assert simulator.inter_token_delay_s == defaults.simulator_inter_token_delay_s
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).api_key == defaults.simulator_api_key.get_secret_value()
+    assert _parameter_default(OpsServer, "port") == defaults.worker_http_port
+    assert RetryPolicy(1, 0, 0).retry_after_max_s == defaults.retry_after_max_s
+    assert _parameter_default(VapiClient, "max_connections") == defaults.vapi_max_connections
+    assert table_recovery._parser().parse_args([]).partitions == defaults.topic_partitions
+    assert scenarios.PACED.partitions == scenarios.FAST.partitions == defaults.topic_partitions
+
+
+def test_a_default_of_no_setting_is_an_error() -> None:
+    with pytest.raises(KeyError):
+        setting_default("no_such_setting")

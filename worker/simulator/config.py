@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from worker.config import setting_default
 from worker.simulator.faults import FaultRule
 
 
 @dataclass
 class SimulatorConfig:
-    """How the simulated Vapi behaves when a call does not say otherwise."""
+    """How the simulated Vapi behaves when a call does not say otherwise.
 
-    api_key: str = "sim-key"
-    first_token_latency_s: float = 0.2
-    inter_token_delay_s: float = 0.03
+    The key and the pacing default to the ``SIMULATOR_*`` settings' defaults (the embedded
+    simulator's), so that ``vapi-worker simulator`` and the embedded one behave alike.
+    """
+
+    api_key: str = setting_default("simulator_api_key").get_secret_value()
+    first_token_latency_s: float = setting_default("simulator_first_token_latency_s")
+    inter_token_delay_s: float = setting_default("simulator_inter_token_delay_s")
     reply_tokens: int = 20  # length of the generic reply, in tokens (a word plus its space)
     done_marker: bool = False  # also send `data: [DONE]` before closing
     record_delta_times: bool = False  # keep time.time() of every delta write, for benchmarks

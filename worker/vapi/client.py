@@ -60,6 +60,7 @@ import httpx
 import pydantic_core
 from pydantic import SecretStr
 
+from worker.config import setting_default
 from worker.errors import (
     ConfigError,
     VapiAuthError,
@@ -73,7 +74,7 @@ from worker.errors import (
 from worker.retry import parse_retry_after
 from worker.vapi.events import MalformedEvent, StreamDelta, StreamDone, parse_event
 from worker.vapi.sse import SSEStreamDecoder
-from worker.vapi.transport import AiohttpTransport
+from worker.vapi.transport import VapiTransport
 
 __all__ = ["VapiClient", "VapiTimeouts"]
 
@@ -113,7 +114,7 @@ class VapiClient:
         api_key: SecretStr,
         timeouts: VapiTimeouts,
         *,
-        max_connections: int = 512,
+        max_connections: int = setting_default("vapi_max_connections"),
         transport: httpx.AsyncBaseTransport | None = None,
         on_malformed: Callable[[str], None] | None = None,
         scrub: Iterable[SecretStr] = (),
@@ -156,8 +157,9 @@ class VapiClient:
         # none of the client's per-call work (its cookie jar, URL merging, the auth and redirect
         # flows) applies to one fixed URL with no cookies, no redirects followed and the key in a
         # default header, and it is a large share of a call's CPU (``bench/README.md``). aiohttp
-        # moves the bytes (``worker.vapi.transport``); the pool limit lives in the transport.
-        self._transport = transport or AiohttpTransport(max_connections=max_connections)
+        # moves the bytes, through httpx-aiohttp (``worker.vapi.transport``); the pool limit
+        # lives in the transport.
+        self._transport = transport or VapiTransport(max_connections=max_connections)
 
     def __repr__(self) -> str:
         return f"VapiClient(base_url={self._base_url!r})"
@@ -339,7 +341,9 @@ class VapiClient:
         except httpx.DecodingError as exc:
             raise VapiProtocolError(f"undecodable response body: {_describe(exc)}") from exc
         except httpx.TransportError as exc:
-            raise VapiStreamBrokenError(f"the stream broke off: {_describe(exc)}") from exc
+            # The transport's exception wraps the wire's own (``worker.vapi.transport``): name that.
+            cause = exc.__cause__ or exc
+            raise VapiStreamBrokenError(f"the stream broke off: {_describe(cause)}") from exc
         finally:
             await chunks.aclose()
 

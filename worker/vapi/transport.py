@@ -1,145 +1,94 @@
-"""An httpx transport that moves the bytes with aiohttp: the same client, a cheaper wire.
+"""The client's wire: httpx-aiohttp's transport, set up for one API host, its errors mapped again.
 
-Why: the worker reads hundreds of SSE streams at once, and each event arrives as its own network
-chunk, so what moving one chunk from the socket to the client costs is paid for every delta.
-Through httpx's own stack (httpcore, h11, anyio) a chunk passes many Python-level async frames;
-aiohttp parses HTTP with its C parser and hands the chunk over directly, for a fraction of the
-CPU (the measurements are in ``bench/README.md``). Everything above the wire stays httpx
-(``httpx.Request`` and ``Response``, headers, status, ``VapiClient``'s error mapping and
-deadlines), so the client's behaviour does not change, and tests can still hand the client an
-``httpx.MockTransport``.
+Why aiohttp: the worker reads hundreds of SSE streams at once, and each event arrives as its own
+network chunk, so what moving one chunk from the socket to the client costs is paid for every
+delta. Through httpx's own stack (httpcore, h11, anyio) a chunk passes many Python-level async
+frames; aiohttp parses HTTP with its C parser and hands the chunk over directly, for a fraction of
+the CPU (the measurements are in ``bench/README.md``). ``httpx_aiohttp.AiohttpTransport`` puts
+aiohttp under httpx's types (``httpx.Request`` and ``Response``), so ``VapiClient`` and its error
+mapping and deadlines stay httpx, and tests can still hand the client an ``httpx.MockTransport``.
 
-aiohttp's exceptions become httpx's here, at the boundary, as httpcore's do in httpx's transport:
+What this module adds to it:
 
-    ===========================================  ===========================
+- The session (``_session``): a pool of ``max_connections`` to the one host, no cookie jar (a
+  load balancer's cookie must not pin the worker to one backend), no proxy or settings from the
+  environment, bodies as sent (the client asks for ``identity``), and aiohttp's own TLS context
+  (the system's CAs; the one httpx-aiohttp's constructor builds goes unused).
+- The errors. httpx-aiohttp 0.2.0 maps every ``aiohttp.ClientConnectionError`` (a refused
+  connection and a reset among them) to ``httpx.ConnectTimeout``, and lets an answer aiohttp
+  cannot parse (an unreadable status line, absurd headers) out as aiohttp's own exception. Its
+  mapped exception keeps aiohttp's as ``__cause__``; ``handle_async_request`` maps that again,
+  the way httpx's own transport maps httpcore's:
+
+    ===============================================  ===========================
     connecting took longer than the connect timeout  httpx.ConnectTimeout
-    refused, unreachable, DNS failure            httpx.ConnectError
-    no response (closed or reset), bad HTTP      httpx.RemoteProtocolError
-    body cut short (truncated chunked body)      httpx.RemoteProtocolError
-    reset or closed while reading the body       httpx.ReadError
-    ===========================================  ===========================
+    refused, unreachable, DNS failure                httpx.ConnectError
+    no response (closed or reset), bad HTTP          httpx.RemoteProtocolError
+    ===============================================  ===========================
+
+  Past the headers, every failure of the body (cut short, reset) is an ``httpx.TransportError``
+  whose ``__cause__`` is aiohttp's exception; ``VapiClient`` names that cause.
 
 Timeouts come from the request, as httpx sets them (``request.extensions["timeout"]``): connect
-(new connections), read (between chunks) and pool (waiting for a free connection).
+(new connections), read (between chunks) and pool (waiting for a free connection). A body not read
+to its end closes its connection instead of returning it to the pool (aiohttp's ``release``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import httpx
-from yarl import URL
+import httpx_aiohttp
 
-__all__ = ["AiohttpTransport"]
-
-#: Request headers aiohttp writes itself from the connection and the body.
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+__all__ = ["VapiTransport"]
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests over one ``aiohttp.ClientSession``, created on first use.
+class VapiTransport(httpx_aiohttp.AiohttpTransport):
+    """httpx-aiohttp's transport over the session below, created on first use.
 
     ``max_connections`` bounds the pool, like ``httpx.Limits(max_connections=...)`` does for
-    httpx's transport (which this one replaces, together with its limits).
+    httpx's transport.
     """
 
-    def __init__(self, *, max_connections: int = 512) -> None:
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open_session(self) -> aiohttp.ClientSession:
-        # Created here, inside the running loop: aiohttp binds a session to the loop it starts on.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
-        return self._session
+    def __init__(self, *, max_connections: int) -> None:
+        self._open = functools.partial(_session, max_connections)
+        super().__init__(limits=httpx.Limits(max_connections=max_connections), client=self._open)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open_session()
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        headers = [
-            (name, value)
-            for name, value in request.headers.multi_items()
-            if name.lower() not in _OWN_HEADERS
-        ]
         try:
-            response = await session.request(
-                request.method,
-                _yarl_url(str(request.url)),
-                headers=headers,
-                data=await request.aread(),
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeouts.get("pool"),
-                    sock_connect=timeouts.get("connect"),
-                    sock_read=timeouts.get("read"),
-                ),
-            )
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
+            return await super().handle_async_request(request)
+        except httpx.TransportError as exc:
+            if exc.__cause__ is None:
+                raise
+            raise _mapped(exc.__cause__, request) from exc.__cause__
         except (aiohttp.ClientError, OSError) as exc:
-            message = str(exc) or "the server closed the connection without a response"
-            raise httpx.RemoteProtocolError(message, request=request) from exc
-        return httpx.Response(
-            response.status,
-            headers=list(response.raw_headers),
-            stream=_ResponseStream(response, request),
-            extensions=_extensions(response),
-        )
+            raise _mapped(exc, request) from exc
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await super().aclose()
+        # A closed session cannot be used again: the next request opens a new one.
+        self.client = self._open
 
 
-@functools.lru_cache(maxsize=64)
-def _yarl_url(url: str) -> URL:
-    # The worker calls one URL all day: parse it for aiohttp once, not per call.
-    return URL(url, encoded=True)
+def _session(max_connections: int) -> aiohttp.ClientSession:
+    # Called on the first request, inside the running loop: aiohttp binds a session to it.
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
 
 
-def _extensions(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    version = response.version
-    http_version = b"HTTP/1.1" if version is None else f"HTTP/{version[0]}.{version[1]}".encode()
-    return {"http_version": http_version, "reason_phrase": (response.reason or "").encode()}
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    """The response body, chunk by chunk as it arrives; closing mid-body drops the connection."""
-
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
-        self._response = response
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        try:
-            while chunk := await content.readany():
-                yield chunk
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise httpx.ReadTimeout(str(exc) or "read timeout", request=self._request) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            message = str(exc) or "the connection broke off"
-            raise httpx.ReadError(message, request=self._request) from exc
-
-    async def aclose(self) -> None:
-        # A body not read to its end leaves the connection in an unknown state: close it rather
-        # than return it to the pool (``release`` does that only for a finished body).
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception for aiohttp's ``exc``, raised before a response had its headers."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(str(exc) or "connect timeout", request=request)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return httpx.ReadTimeout(str(exc) or "read timeout", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    message = str(exc) or "the server closed the connection without a response"
+    return httpx.RemoteProtocolError(message, request=request)
