@@ -25,6 +25,8 @@ from tests.e2e.harness import (
     SimulatorProcess,
     Topics,
     WorkerProcess,
+    Workers,
+    paced,
     parse_metrics,
     produce,
     request_record,
@@ -34,29 +36,21 @@ pytestmark = pytest.mark.e2e
 
 PARTITIONS = 12
 GLOBAL_STREAMS = 12
-#: Quick rebalances: a worker that stops is noticed within seconds.
-GROUP_ENV = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
 
 
-def paced(text: str, *, tokens: int, delay_ms: int, first_ms: int) -> str:
-    return f"{text} [[sim:pace tokens={tokens} delay_ms={delay_ms} first_ms={first_ms}]]"
-
-
-class Fleet:
-    """Worker processes of one test, started with common settings, all stopped at the end."""
+class Fleet(Workers):
+    """The test's workers (``harness.Workers``) by name, on the test's partitions, with their
+    gauges."""
 
     def __init__(
         self, bootstrap: str, topics: Topics, sim: SimulatorProcess, log_dir: Path, **env: str
     ) -> None:
-        self._bootstrap, self._topics, self._sim, self._log_dir = bootstrap, topics, sim, log_dir
-        self._env = {**GROUP_ENV, "TOPIC_PARTITIONS": str(PARTITIONS), **env}
+        super().__init__(bootstrap, topics, sim, log_dir, TOPIC_PARTITIONS=str(PARTITIONS), **env)
         self.workers: dict[str, WorkerProcess] = {}
 
-    async def start(self, *names: str) -> None:
+    async def start_all(self, *names: str) -> None:
         for name in names:
-            self.workers[name] = WorkerProcess(
-                self._bootstrap, self._topics, self._sim, self._log_dir, name, **self._env
-            ).start()
+            self.workers[name] = self.start(name)
         await asyncio.gather(
             *(asyncio.to_thread(self.workers[name].wait_ready, 120) for name in names)
         )
@@ -86,11 +80,6 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: shares {shares}, expected {expected}")
             await asyncio.sleep(0.3)
-
-    def stop_all(self) -> None:
-        for worker in self.workers.values():
-            if worker.proc is not None and worker.proc.poll() is None:
-                worker.kill()
 
 
 @pytest.fixture
@@ -204,7 +193,7 @@ async def test_three_replicas_hold_the_global_stream_limit_and_one_left_gets_all
     at the simulator, at least 8 reached, no worker over its share of 4. After two of them stop,
     the one left has all 12 and goes past 8 alone."""
     workers: Fleet = fleet(simulator, VAPI_GLOBAL_MAX_IN_FLIGHT=str(GLOBAL_STREAMS))
-    await workers.start("w1", "w2", "w3")
+    await workers.start_all("w1", "w2", "w3")
     await workers.wait_for_shares(
         "chat_worker_fleet_stream_share", {"w1": 4, "w2": 4, "w3": 4}, "three replicas"
     )
@@ -251,7 +240,7 @@ async def test_requests_per_minute_hold_for_the_fleet_within_ten_percent(
     the simulator sees over 20 s are 60 (3 a second) within 10%."""
     per_minute, window_s = 180.0, 20.0
     workers: Fleet = fleet(simulator, VAPI_GLOBAL_REQUESTS_PER_MINUTE=str(per_minute))
-    await workers.start("w1", "w2", "w3")
+    await workers.start_all("w1", "w2", "w3")
     await workers.wait_for_shares(
         "chat_worker_fleet_requests_per_minute_share",
         {"w1": 60.0, "w2": 60.0, "w3": 60.0},
@@ -314,7 +303,7 @@ async def test_replicas_adapt_to_an_organisation_limit_they_were_not_told(
         RETRY_MAX_ATTEMPTS="30",
         VAPI_REQUEST_DEADLINE_S="200",
     )
-    await workers.start("w1", "w2")
+    await workers.start_all("w1", "w2")
     await workers.wait_for_shares(
         "chat_worker_fleet_stream_share", {"w1": 6, "w2": 6}, "two replicas"
     )
