@@ -51,7 +51,7 @@ class Cursor:
 
     @classmethod
     def parse(cls, text: str) -> Cursor:
-        match = _CURSOR_RE.fullmatch(text.strip())
+        match = _CURSOR_RE.fullmatch(text)
         if match is None:
             raise CursorError(f"{text[:80]!r} is not an event id of this gateway")
         dp, d, rp, r, kind, sent = match.groups()
