@@ -4,11 +4,13 @@ every call, a turn's events as SSE, resuming from any event id, and one consumer
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.e2e.gateway_process import GatewayProcess, SseMessage, sse_messages
 from tests.e2e.harness import SimulatorProcess, Topics, WorkerProcess, read_topic
@@ -235,3 +237,44 @@ async def test_browsers_share_one_consumer_per_partition(
         text = "".join(p["delta"] for p in payloads if "delta" in p)
         assert text == payloads[-1]["text"]
     assert gateway.health()["feeds"] == 2
+
+
+async def test_demo_mode_issues_tokens_on_127_0_0_1_only(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """``GATEWAY_DEMO=true``: ``/`` redirects to a new conversation with a token that the API
+    accepts; bound to another address, the gateway refuses to start."""
+    await create_topics(
+        kafka_bootstrap, [topics.requests, topics.deltas, topics.responses], PARTITIONS
+    )
+    gateway = GatewayProcess(
+        kafka_bootstrap, topics, tmp_path, GATEWAY_DEMO="true", GATEWAY_SECRET=""
+    ).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{gateway.base_url}/", allow_redirects=False) as reply:
+                assert reply.status == 302
+                location = URL(reply.headers["Location"])
+            conversation, token = location.query["conversation"], location.query["token"]
+            async with http.post(
+                _messages_url(gateway, conversation),
+                json={"input": "hi"},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as reply:
+                assert reply.status == 202
+            async with http.get(f"{gateway.base_url}{location}") as page:
+                assert page.status == 200
+                assert "EventSource" in await page.text()
+    finally:
+        gateway.stop()
+    public = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "gateway",
+        env={**gateway.env, "GATEWAY_HOST": "0.0.0.0"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(public.communicate(), 60)
+    assert public.returncode == 2
+    assert "GATEWAY_HOST=127.0.0.1" in stderr.decode()

@@ -191,8 +191,8 @@ def gateway_secret(settings: Settings) -> str:
         raise ConfigError(
             "GATEWAY_DEMO issues tokens to anyone who asks: it needs GATEWAY_HOST=127.0.0.1"
         )
-    if settings.gateway_secret is not None:
-        secret = settings.gateway_secret.get_secret_value()
+    secret = settings.gateway_secret.get_secret_value() if settings.gateway_secret else ""
+    if secret:  # empty is unset
         if len(secret) < MIN_SECRET_CHARS:
             raise ConfigError(f"GATEWAY_SECRET must be at least {MIN_SECRET_CHARS} characters")
         return secret
