@@ -177,6 +177,9 @@ class PartitionFeed:
                 raise
             except Exception as exc:  # the feed outlives a broker's hiccup; aiokafka reconnects
                 log.warning("gateway_feed_error", partition=str(self.deltas), error=repr(exc))
+                # Records fetched and not yet handed out are read again, none skipped.
+                consumer.seek(self.deltas, self._cursor.deltas)
+                consumer.seek(self.responses, self._cursor.responses)
                 await asyncio.sleep(1)
 
     async def _catch_up_deltas(self, consumer: AIOKafkaConsumer) -> None:
