@@ -26,7 +26,8 @@ from tests.kafka_fixture import create_topics
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 BUBBLES = "[...document.querySelectorAll('#log .msg')]"
-LAST_REPLY = "document.querySelector('#log .assistant:last-of-type')"
+LAST_REPLY = "[...document.querySelectorAll('#log .assistant')].at(-1)"
+GATEWAY_ENV = {"MAX_INPUT_CHARS": "200"}
 DELTAS_SHOWN = "window.chatEvents.filter(e => e.type === 'delta').length"
 
 
@@ -43,7 +44,7 @@ async def stack(
 ) -> AsyncIterator[tuple[WorkerProcess, GatewayProcess]]:
     await create_topics(kafka_bootstrap, [topics.requests, topics.deltas, topics.responses], 4)
     worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
-    gateway = GatewayProcess(kafka_bootstrap, topics, tmp_path).start()
+    gateway = GatewayProcess(kafka_bootstrap, topics, tmp_path, **GATEWAY_ENV).start()
     try:
         worker.wait_ready()
         yield worker, gateway
@@ -126,12 +127,29 @@ async def test_the_chat_page_in_chromium(
         ]
         await page.wait_for("document.getElementById('status').textContent === 'connected'")
 
+        # Reloaded mid-reply: the page resumes from the last event id it saved with its
+        # transcript, so the reply's text streamed before and after the reload is the final one.
+        await page.evaluate("document.getElementById('text').focus()")
+        await page.type_and_press_enter("Go on [[sim:pace tokens=30 delay_ms=60]]")
+        await page.wait_for(f"{DELTAS_SHOWN} >= {await page.evaluate(DELTAS_SHOWN) + 5}")
+        await page.reload()
+        await page.wait_for(f"{LAST_REPLY}.dataset.status === 'completed'", timeout_s=60)
+        saved = await page.evaluate(f"JSON.parse(sessionStorage.getItem('chat:{conversation}'))")
+        reloaded = saved["transcript"][-1]
+        final = (await _finals(kafka_bootstrap, topics))[reloaded["request_id"]]
+        assert reloaded["streamed"] == final["text"] == reloaded["text"]
+        assert final["delta_count"] == 30
+        resumed = await _events_of(page, reloaded["request_id"])
+        assert 0 < len(resumed) < 30, "the reloaded page got the rest of the reply, not all"
+
         # A stream broken after 3 deltas and retried: a restart clears the partial reply.
         third = await _say(
-            page, "What is my name, again? [[sim:fault disconnect after=3 times=1]]", 3
+            page, "What is my name, again? [[sim:fault disconnect after=3 times=1]]", 4
         )
         events = await _events_of(page, third["request_id"])
-        assert "restart" in [e["type"] for e in events]
+        assert "restart" in [e["type"] for e in events], [
+            (e["type"], e.get("attempt"), e.get("seq"), e.get("text")) for e in events
+        ]
         assert third["text"] == finals_text(await _finals(kafka_bootstrap, topics), third)
         assert third["text"] == "Your name is Ada."
         assert _streamed(events) == third["text"]
@@ -144,7 +162,9 @@ async def test_the_chat_page_in_chromium(
         await page.wait_for(f"{DELTAS_SHOWN} >= {shown_before + 5}")
         assert await page.evaluate(f"{LAST_REPLY}.dataset.status") == "streaming"
         gateway.kill()
-        restarted = GatewayProcess(kafka_bootstrap, topics, tmp_path, port=gateway.port).start()
+        restarted = GatewayProcess(
+            kafka_bootstrap, topics, tmp_path, port=gateway.port, **GATEWAY_ENV
+        ).start()
         try:
             await page.wait_for(f"{LAST_REPLY}.dataset.status === 'completed'", timeout_s=60)
             fourth = await page.evaluate(
@@ -162,19 +182,21 @@ async def test_the_chat_page_in_chromium(
                 "document.getElementById('status').textContent"
             )
 
-            # Errors are shown: a wrong token's page says so, and a message it cannot send says why.
-            async with Chromium(tmp_path / "profile-2") as page:
-                await page.open(f"{gateway.base_url}/?conversation={conversation}&token=wrong")
-                shown = await page.wait_for("document.getElementById('error').textContent")
+            roles = await page.evaluate(f"{BUBBLES}.map(b => b.classList[1])")
+            assert roles == ["user", "assistant"] * 5, "one bubble per message and reply"
+
+            # Errors are shown: a message the worker would refuse says why it was not sent,
+            # and a wrong token's page says its stream was refused and offers no field.
+            await page.evaluate("document.getElementById('text').focus()")
+            await page.type_and_press_enter("x" * 201)
+            shown = await page.wait_for("document.getElementById('error').textContent")
+            assert "Not sent (400)" in shown
+            assert "longer than 200 characters" in shown
+            async with Chromium(tmp_path / "profile-2") as other:
+                await other.open(f"{gateway.base_url}/?conversation={conversation}&token=wrong")
+                shown = await other.wait_for("document.getElementById('error').textContent")
                 assert "refused" in shown
-                await page.evaluate("document.getElementById('text').focus()")
-                await page.type_and_press_enter("hello?")
-                shown = await page.wait_for(
-                    "document.getElementById('error').textContent.includes('Not sent') && "
-                    "document.getElementById('error').textContent"
-                )
-                assert "403" in shown
-                assert "not this conversation's" in shown
+                assert await other.evaluate("document.getElementById('text').disabled")
         finally:
             restarted.stop()
 

@@ -131,6 +131,7 @@ async def test_every_call_needs_the_conversations_own_token(
             ({"input": "hi", "assistant_id": "x"}, "bad_request"),
             ({"input": 5}, "invalid_request"),
             ({"input": [{"role": "user"}]}, "invalid_request"),
+            ({"input": "x" * 32_001}, "input_too_large"),
         ):
             kwargs = {"data": body} if isinstance(body, str) else {"json": body}
             async with http.post(_messages_url(gateway, "conv-a"), headers=auth, **kwargs) as reply:

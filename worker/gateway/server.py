@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 from aiokafka.errors import KafkaError
 
-from vapi_stream_client import ChatClient, InvalidRequestError, TopicMissingError
+from vapi_stream_client import ChatClient, InvalidRequestError, TopicMissingError, new_request
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.gateway.cursor import Cursor, CursorError, SseEvent
@@ -125,9 +125,20 @@ class Gateway:
         if unknown:
             raise _error(web.HTTPBadRequest, "bad_request", f"unknown fields: {unknown}")
         try:
-            request_id = await self.client.send(
+            chat_request = new_request(
                 conversation_id, body["input"], request_id=body.get("request_id")
             )
+        except InvalidRequestError as exc:
+            raise _error(web.HTTPBadRequest, "invalid_request", str(exc)) from None
+        if chat_request.input_chars() > self.settings.max_input_chars:
+            # The worker would dead-letter it and the browser would wait for nothing.
+            raise _error(
+                web.HTTPBadRequest,
+                "input_too_large",
+                f"the input is longer than {self.settings.max_input_chars} characters",
+            )
+        try:
+            request_id = await self.client.send_request(chat_request)
         except InvalidRequestError as exc:
             raise _error(web.HTTPBadRequest, "invalid_request", str(exc)) from None
         except (TopicMissingError, KafkaError) as exc:
@@ -139,7 +150,9 @@ class Gateway:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         conversation_id = self._authorised(request)
-        last_id = request.headers.get("Last-Event-ID") or ""
+        # The header is the browser's own reconnect; the parameter is a page's first connect
+        # after a reload (EventSource cannot set the header), older than the header when both.
+        last_id = request.headers.get("Last-Event-ID") or request.query.get("last_event_id", "")
         since = None
         if last_id:
             try:
