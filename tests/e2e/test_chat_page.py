@@ -9,6 +9,7 @@ README's picture).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -127,12 +128,14 @@ async def test_the_chat_page_in_chromium(
         ]
         await page.wait_for("document.getElementById('status').textContent === 'connected'")
 
-        # Reloaded mid-reply: the page resumes from the last event id it saved with its
+        # Left and opened again mid-reply: the page resumes from the last event id it saved with its
         # transcript, so the reply's text streamed before and after the reload is the final one.
         await page.evaluate("document.getElementById('text').focus()")
         await page.type_and_press_enter("Go on [[sim:pace tokens=30 delay_ms=60]]")
         await page.wait_for(f"{DELTAS_SHOWN} >= {await page.evaluate(DELTAS_SHOWN) + 5}")
-        await page.reload()
+        await page.open("about:blank")  # away for a second (deltas go on), then back
+        await asyncio.sleep(1)
+        await page.open(url)
         await page.wait_for(f"{LAST_REPLY}.dataset.status === 'completed'", timeout_s=60)
         saved = await page.evaluate(f"JSON.parse(sessionStorage.getItem('chat:{conversation}'))")
         reloaded = saved["transcript"][-1]
