@@ -211,14 +211,15 @@ class Feeds:
         self.queue_size = queue_size
         self._feeds: dict[tuple[int, int], PartitionFeed] = {}
         self._starting: dict[tuple[int, int], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._feeds)
 
     async def feed_for(self, conversation_id: str) -> PartitionFeed:
         topics = self.client.topics
-        deltas = partition_for(conversation_id, await self.client.partitions(topics.deltas))
-        responses = partition_for(conversation_id, await self.client.partitions(topics.responses))
+        deltas = partition_for(conversation_id, await self._count(topics.deltas))
+        responses = partition_for(conversation_id, await self._count(topics.responses))
         key = (deltas, responses)
         async with self._starting[key]:
             feed = self._feeds.get(key)
@@ -232,6 +233,13 @@ class Feeds:
                 await feed.start()
                 self._feeds[key] = feed
         return feed
+
+    async def _count(self, topic: str) -> int:
+        """A topic's partition count, asked once (the worker never changes it)."""
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = await self.client.partitions(topic)
+        return count
 
     async def stop(self) -> None:
         feeds, self._feeds = list(self._feeds.values()), {}
