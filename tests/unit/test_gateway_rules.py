@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.gateway.cursor import Cursor, CursorError, SseEvent
-from worker.gateway.feed import _fold_range
+from worker.gateway.feed import Subscription, _fold_range
 from worker.gateway.server import gateway_secret
 from worker.gateway.tokens import issue_token, token_is_valid
 
@@ -182,3 +182,17 @@ def test_the_gateway_refuses_a_weak_or_missing_secret_and_a_public_demo() -> Non
         gateway_secret(Settings(gateway_demo=True, gateway_host="0.0.0.0"))
     assert len(gateway_secret(Settings(gateway_demo=True, gateway_host="127.0.0.1"))) >= 32
     assert gateway_secret(Settings(gateway_secret=SecretStr("x" * 16))) == "x" * 16
+
+
+async def test_a_browser_that_reads_too_slowly_is_cut_off_not_buffered_without_end() -> None:
+    """A subscription holds at most its queue size; one more event ends it (``None``), and it
+    takes nothing after that: the browser resumes from its last id instead."""
+    subscription = Subscription("conv-1", queue_size=3)
+    events = [SseEvent("delta", f"0.{n}-0.0", "{}") for n in range(1, 6)]
+    subscription.put(events[:3])
+    assert not subscription.cut_off
+    subscription.put(events[3:])
+    assert subscription.cut_off
+    subscription.put(events[:1])
+    queued = [subscription.queue.get_nowait() for _ in range(subscription.queue.qsize())]
+    assert queued == [*events[:3], None]
