@@ -15,7 +15,7 @@ LOCK := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
 	--no-emit-package vapi-stream-client
 LOCK_ARGS ?=
 
-.PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench bench-table
+.PHONY: help venv lock kafka-jars kafka-up kafka-down lint test check demo bench bench-table bench-gateway
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,3 +63,6 @@ bench: venv kafka-jars ## run the benchmark (python -m bench with BENCH_ARGS=...
 
 bench-table: venv kafka-jars ## measure chat-state recovery time and memory (TABLE_ARGS=--conversations N)
 	$(BIN)/python -m bench.table_recovery $(TABLE_ARGS)
+
+bench-gateway: venv kafka-jars ## browsers' event streams on one gateway: latency, CPU, memory (GATEWAY_ARGS=--streams N ...)
+	$(BIN)/python -m bench.gateway $(GATEWAY_ARGS)

@@ -1,4 +1,5 @@
-"""``vapi-worker``: argv → settings → logging → run / simulator / send / tail. No logic here."""
+"""``vapi-worker``: argv → settings → logging → run / gateway / simulator / send / tail. No logic
+here."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="run the worker (a Faust app) until SIGTERM")
+    commands.add_parser(
+        "gateway",
+        help="serve conversations to browsers (HTTP + SSE) and the chat page, until SIGTERM",
+    )
     simulator = commands.add_parser("simulator", help="serve the Vapi /chat simulator")
     simulator_cli.add_arguments(simulator)
 
@@ -103,6 +108,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from worker.runner import run_worker
 
         return run_worker(settings)
+    if args.command == "gateway":
+        from worker.gateway.server import run_gateway
+
+        return run_gateway(settings)
     if args.command == "send":
         request_id = asyncio.run(
             console.send_request(

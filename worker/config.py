@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # The browser gateway (``vapi-worker gateway``)
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(default=8080, ge=0, le=65535)
+    gateway_secret: SecretStr | None = None
+    gateway_demo: bool = False
+    gateway_client_queue: int = Field(default=1000, ge=1)
+    gateway_resume_lookback_s: float = Field(default=300.0, ge=0, allow_inf_nan=False)
+    gateway_resume_max_records: int = Field(default=100_000, ge=1)
+
     # The embedded simulator (used when no VAPI_API_KEY is set and no VAPI_BASE_URL is given)
     simulator_api_key: SecretStr = SecretStr("sim-key")
     simulator_inter_token_delay_s: float = Field(default=0.03, ge=0)
