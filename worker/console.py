@@ -168,6 +168,9 @@ class TailRenderer:
         elif response.status == "expired":
             reason = response.error.message if response.error else "expired"
             status = f"EXPIRED, not run: {reason}"
+        elif response.status == "cancelled":
+            reason = response.error.message if response.error else "cancelled"
+            status = f"CANCELLED after {response.delta_count} deltas: {reason}"
         else:
             error = response.error
             status = f"FAILED {error.code}: {error.message}" if error else "FAILED"
