@@ -263,7 +263,7 @@ async def test_careless_input_gives_clear_errors_and_produces_nothing(
         with pytest.raises(InvalidRequestError, match="ChatRequest"):
             await client.send_request({"request_id": "r", "conversation_id": "c"})  # type: ignore[arg-type]
         for conversation, request_id in [("", None), ("c1", ""), ("c1", "r" * 201)]:
-            with pytest.raises(InvalidRequestError, match="chat.cancel.v1"):
+            with pytest.raises(InvalidRequestError, match=r"chat\.cancel\.v1"):
                 await client.cancel(conversation, request_id)
         assert await _record_count(kafka_bootstrap, topics.requests) == 0
 

@@ -470,11 +470,14 @@ def _decode_any(
 
 
 def test_a_cancel_record_decodes_as_a_cancel() -> None:
-    cancel = _decode_any(b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":"r"}', b"c")
+    cancel = _decode_any(
+        b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":"r"}', b"c"
+    )
     assert isinstance(cancel, ChatCancel)
     assert (cancel.conversation_id, cancel.request_id) == ("c", "r")
     whole = _decode_any(b'{"schema":"chat.cancel.v1","conversation_id":"c"}', b"c")
-    assert isinstance(whole, ChatCancel) and whole.request_id is None
+    assert isinstance(whole, ChatCancel)
+    assert whole.request_id is None
 
 
 @pytest.mark.parametrize(
@@ -484,7 +487,12 @@ def test_a_cancel_record_decodes_as_a_cancel() -> None:
         (b'{"schema":"chat.cancel.v1","conversation_id":"c"}', None, [], "missing_key"),
         (b'{"schema":"chat.cancel.v1"}', b"c", [], "missing_field"),
         (b'{"schema":"chat.cancel.v1","conversation_id":""}', b"", [], "empty_conversation_id"),
-        (b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":5}', b"c", [], "invalid_field"),  # noqa: E501
+        (
+            b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":5}',
+            b"c",
+            [],
+            "invalid_field",
+        ),
         (b'{"schema":"chat.cancel.v2","conversation_id":"c"}', b"c", [], "unknown_schema"),
         # The header and the body name different schemas.
         (

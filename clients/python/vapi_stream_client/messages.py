@@ -223,8 +223,9 @@ class ChatResponse(BaseModel):
     ``expired``: the request was not run (no Vapi call), it was too old (``expires_at`` or
     ``WORKER_REQUEST_MAX_AGE_S``); ``error`` says which. ``cancelled``: a ``chat.cancel.v1`` or a
     superseding request ended it; ``text`` is what was streamed before (its deltas stay),
-    ``chat_id`` the cut-off chat, which the conversation's next turn does not continue from. ``cost`` and ``stream_complete`` are
-    set on a completed response whose chat was fetched (``VAPI_FETCH_CHAT``), null otherwise;
+    ``chat_id`` the cut-off chat, which the conversation's next turn does not continue from.
+    ``cost`` and ``stream_complete`` are set on a completed response whose chat was fetched
+    (``VAPI_FETCH_CHAT``), null otherwise;
     ``stream_complete`` false means the stream ended before the reply did and ``text`` is
     Vapi's whole reply, not the deltas.
     """
