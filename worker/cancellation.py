@@ -1,4 +1,4 @@
-"""Which requests a cancel ends, and what it tells them (docs/design.md §5.7). Pure: no I/O.
+"""Which requests a cancel ends, and what it tells them (docs/design.md §5.8). Pure: no I/O.
 
 Two records cancel requests: a ``chat.cancel.v1`` (its ``request_id``, or without one every
 request of its conversation) and a request with ``supersede: true`` (every earlier request of its

@@ -5,7 +5,7 @@ says it is finished. What running it means is decided here, in order:
 
 1. ``read``: the record is decoded once: a request, a cancel, or a dead letter with its reason.
    A cancel (or a request with ``supersede``) is applied by the dispatcher when it takes the
-   record (``cancel``, §5.7): a targeted request not started yet ends ``cancelled`` when its turn
+   record (``cancel``, §5.8): a targeted request not started yet ends ``cancelled`` when its turn
    comes, without a Vapi call; one streaming from Vapi has its task cancelled, which closes its
    HTTP stream, and ends ``cancelled`` with the text streamed so far. One in its final step, or
    finished, is not affected.
@@ -211,7 +211,7 @@ class RequestLifecycle:
         partition taken before it; returns the request ids it cancelled.
 
         A targeted request not begun is marked: it ends ``cancelled`` when it runs. One streaming
-        is marked and its task cancelled: its HTTP stream closes now (§5.7). One past that is
+        is marked and its task cancelled: its HTTP stream closes now (§5.8). One past that is
         finished or finishing: too late, untouched.
         """
         cancelling = by.cancel if by.cancel is not None else by.request

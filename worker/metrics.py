@@ -53,7 +53,7 @@ OUTCOMES: Final = ("completed", "failed", "expired", "cancelled", "invalid", "du
 CANCEL_EFFECTS: Final = ("cancelled", "none")
 
 #: Buckets of ``chat_worker_cancel_seconds``: a cancel closes a stream in milliseconds; one
-#: second is the contract (docs/design.md §5.7).
+#: second is the contract (docs/design.md §5.8).
 CANCEL_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 #: Values of ``kind`` on ``chat_worker_tokens_total``.

@@ -179,7 +179,7 @@ class RequestHandler:
 
         The response itself is published by the request's final step (``worker.lifecycle``),
         which cancellation cannot stop half-way. A task cancellation while ``cancelled()`` says
-        why (a cancel, a superseding request: §5.7) ends the request ``cancelled``: its HTTP
+        why (a cancel, a superseding request: §5.8) ends the request ``cancelled``: its HTTP
         stream is closed, and the deltas it published stay; any other cancellation (a release)
         propagates.
         """

@@ -1,4 +1,4 @@
-"""Cancel and supersede through the real broker, simulator and worker (docs/design.md §5.7).
+"""Cancel and supersede through the real broker, simulator and worker (docs/design.md §5.8).
 
 A ``chat.cancel.v1`` (from ``ChatClient.cancel``, ``vapi-worker cancel`` or any producer) ends a
 streaming request at once: its HTTP call is closed (the simulator records it), its deltas stay,
@@ -259,7 +259,7 @@ async def test_a_hundred_cancels_each_end_their_stream_once(
 ) -> None:
     """100 streaming requests (20 at a time), each cancelled once it streams: each ends with one
     ``cancelled`` response and a closed call, within the test's bound. Prints the latencies
-    docs/design.md §5.7 reports: the worker's (cancel taken → HTTP stream closed, from its log)
+    docs/design.md §5.8 reports: the worker's (cancel taken → HTTP stream closed, from its log)
     and the simulator's (cancel sent → the simulator saw its call closed)."""
     worker = await workers.start_ready("worker", WORKER_MAX_IN_FLIGHT="20")
     sent_at: dict[str, float] = {}

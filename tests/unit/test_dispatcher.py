@@ -384,7 +384,7 @@ async def test_a_final_step_past_the_bound_is_cut_off_and_left_unacked() -> None
     assert rig.consumer.unacked == set()
 
 
-# --- cancels (docs/design.md §5.7) ------------------------------------------------------------
+# --- cancels (docs/design.md §5.8) ------------------------------------------------------------
 
 
 async def test_a_cancel_ends_the_streaming_request_and_a_queued_one_without_a_call() -> None:

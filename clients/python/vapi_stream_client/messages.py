@@ -145,7 +145,7 @@ class ChatCancel(BaseModel):
     Keyed by ``conversation_id`` like a request. With ``request_id``: that request; without:
     every request of the conversation the worker took before the cancel. A cancelled request
     that is queued or streaming ends with one ``status: "cancelled"`` response; one already
-    finished, or not yet taken, is not affected (docs/design.md §5.7).
+    finished, or not yet taken, is not affected (docs/design.md §5.8).
     """
 
     model_config = _MODEL_CONFIG
