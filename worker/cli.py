@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Follow deltas and responses from the topics' end, or from --since or "
         "--from-beginning. With --request-id: that request's reply, found whether tail starts "
         "before or after it (read from the beginning unless --since is given); exits after its "
-        "final response, 0 if it completed and 1 if it failed or expired.",
+        "final response, 0 if it completed and 1 otherwise (failed, expired, cancelled).",
     )
     tail.add_argument("--conversation", help="only this conversation")
     start = tail.add_mutually_exclusive_group()
