@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from worker.config import Settings
 from worker.dispatcher import FINAL_STEPS_CUT_OFF, Dispatcher
-from worker.errors import InvalidRequestError
+from worker.errors import InvalidRequestError, VapiStatusError
 from worker.lifecycle import Event, RequestLifecycle
 from worker.messages import ChatDelta, ChatResponse
 from worker.metrics import WorkerMetrics
@@ -224,14 +224,17 @@ class Rig:
         )
 
 
-def make_rig(**settings: object) -> Rig:
+def make_rig(
+    policy: RetryPolicy | None = None, vapi: Vapi | None = None, **settings: object
+) -> Rig:
     config = Settings(topic_requests=TOPIC, **settings)  # type: ignore[arg-type]
     metrics = WorkerMetrics(CollectorRegistry())
-    vapi, publisher, store, consumer = Vapi(), Publisher(), Store(), Consumer()
+    vapi = vapi or Vapi()
+    publisher, store, consumer = Publisher(), Store(), Consumer()
     handler = RequestHandler(
         vapi,
         publisher,
-        RetryPolicy(max_attempts=1, base_delay_s=0, max_delay_s=0),
+        policy or RetryPolicy(max_attempts=1, base_delay_s=0, max_delay_s=0),
         SharedBackoff(),
         metrics,
         HandlerSettings(default_assistant_id="sim-assistant"),
@@ -490,3 +493,49 @@ async def test_a_superseding_request_cancels_the_earlier_ones_then_runs_on_their
     assert rig.vapi.calls == ["a-0", "a-1", "a-3"]
     assert rig.publisher.responses.count("a-3") == 1, "the copy ran again"
     assert rig.stream.acked == [(0, n) for n in range(5)]
+
+
+@dataclass
+class FailingVapi(Vapi):
+    """Every call breaks with a 503 after one delta."""
+
+    async def stream_chat(
+        self, body: dict[str, object], *, request_id: str, attempt: int
+    ) -> AsyncGenerator[StreamDelta, None]:
+        self.calls.append(request_id)
+        yield StreamDelta(chat_id=f"chat-{attempt}", path="chat.output[0].content", delta="Hi")
+        raise VapiStatusError("Vapi returned 503", http_status=503)
+
+
+async def test_a_cancel_during_a_retry_pause_ends_the_request_without_another_call() -> None:
+    """A request waiting to retry is still running: a cancel ends it now, with the text of the
+    attempt before, and no further attempt is made."""
+    policy = RetryPolicy(max_attempts=5, base_delay_s=60, max_delay_s=60)
+    rig = make_rig(policy, FailingVapi())
+    await rig.take(rig.record("a", "a-1"))
+    await until(lambda: rig.vapi.calls == ["a-1"], "a-1's first attempt")
+    await asyncio.sleep(0.05)
+    await rig.take(rig.cancel("a", "a-1"))
+    await rig.settled()
+    final = rig.publisher.finals["a-1"]
+    assert (final.status, final.attempts, final.text, final.chat_id) == (
+        "cancelled",
+        1,
+        "Hi",
+        "chat-1",
+    )
+    assert rig.vapi.calls == ["a-1"]
+    assert rig.stream.acked == [(0, 0), (0, 1)]
+
+
+async def test_a_release_still_cuts_a_request_off_unacked_when_nothing_cancelled_it() -> None:
+    """Only a cancel's mark turns a task cancellation into a ``cancelled`` response: a release
+    leaves the request without a response and unacked, for its next owner."""
+    rig = make_rig()
+    rig.vapi.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await rig.take(rig.cancel("b"))
+    await until(lambda: "a-1" in rig.vapi.gates.reached, "a-1 streaming")
+    assert await rig.dispatcher.release(grace_s=0.01)
+    assert rig.publisher.responses == []
+    assert rig.stream.acked == []
