@@ -10,8 +10,8 @@ says it is finished. What running it means is decided here, in order:
    HTTP stream, and ends ``cancelled`` with the text streamed so far. One in its final step, or
    finished, is not affected.
 2. ``run``: a dead letter is published; a cancel has nothing left to do. A request that finished
-   before (§5.5) is skipped. A
-   request too old to start (``expires_at``, ``WORKER_REQUEST_MAX_AGE_S``) or whose conversation
+   before (§5.5) is skipped; one cancelled before it started ends ``cancelled``. A request too
+   old to start (``expires_at``, ``WORKER_REQUEST_MAX_AGE_S``) or whose conversation
    spent its budget (``WORKER_CONVERSATION_BUDGET_USD``) gets its ``expired`` or ``failed``
    response and no Vapi call; nothing of its conversation's state changes. Otherwise
    ``RequestHandler.handle`` streams it from Vapi, publishing its deltas, to an ``Outcome``: a
