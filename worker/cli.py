@@ -1,5 +1,5 @@
-"""``vapi-worker``: argv → settings → logging → run / gateway / simulator / send / tail. No logic
-here."""
+"""``vapi-worker``: argv → settings → logging → run / gateway / simulator / send / cancel / tail.
+No logic here."""
 
 from __future__ import annotations
 
@@ -38,7 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--request-id", help="idempotency key (default: a new UUID)")
     send.add_argument("--assistant", help="assistant id (default: VAPI_ASSISTANT_ID)")
     send.add_argument("--reset-context", action="store_true", help="start a fresh Vapi chat")
+    send.add_argument(
+        "--supersede",
+        action="store_true",
+        help="cancel the conversation's earlier requests still queued or streaming first",
+    )
     send.add_argument("text", help="what the user says")
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="produce one chat.cancel.v1: a request, or every earlier request of a conversation",
+        description="Cancel a request of the conversation (--request-id), or every request of it "
+        "the worker took before this cancel. A queued request ends without a Vapi call, a "
+        "streaming one has its call closed; each ends with a final response of status "
+        "cancelled. A request already finished is not affected.",
+    )
+    cancel.add_argument("--conversation", required=True, help="conversation id (the record key)")
+    cancel.add_argument("--request-id", help="only this request (default: all taken before)")
 
     tail = commands.add_parser(
         "tail",
@@ -46,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Follow deltas and responses from the topics' end, or from --since or "
         "--from-beginning. With --request-id: that request's reply, found whether tail starts "
         "before or after it (read from the beginning unless --since is given); exits after its "
-        "final response, 0 if it completed and 1 if it failed or expired.",
+        "final response, 0 if it completed and 1 otherwise (failed, expired, cancelled).",
     )
     tail.add_argument("--conversation", help="only this conversation")
     start = tail.add_mutually_exclusive_group()
@@ -121,9 +137,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 request_id=args.request_id,
                 assistant_id=args.assistant,
                 reset_context=args.reset_context,
+                supersede=args.supersede,
             )
         )
         print(request_id)
+        return 0
+    if args.command == "cancel":
+        asyncio.run(console.send_cancel(settings, args.conversation, args.request_id))
         return 0
     finals = asyncio.run(
         console.tail(

@@ -31,6 +31,7 @@ from vapi_stream_client import (
     TopicMissingError,
     Topics,
 )
+from vapi_stream_client import new_cancel as client_cancel
 from vapi_stream_client import new_request as client_request
 from vapi_stream_client.messages import request_headers as request_headers
 from worker.config import Settings
@@ -47,6 +48,7 @@ def new_request(
     assistant_id: str | None = None,
     reset_context: bool = False,
     metadata: dict[str, Any] | None = None,
+    supersede: bool = False,
 ) -> ChatRequest:
     """The ``ChatRequest`` that ``send`` produces: a new request id unless one is given.
 
@@ -62,6 +64,7 @@ def new_request(
             assistant_id=assistant_id or None,
             reset_context=reset_context,
             metadata=metadata or None,
+            supersede=supersede,
         )
     except InvalidRequestError as exc:
         raise ConfigError(str(exc)) from None
@@ -89,6 +92,7 @@ async def send_request(
     assistant_id: str | None = None,
     reset_context: bool = False,
     metadata: dict[str, Any] | None = None,
+    supersede: bool = False,
 ) -> str:
     """Produce one ChatRequest keyed by its conversation; returns its request_id.
 
@@ -103,15 +107,37 @@ async def send_request(
         assistant_id=assistant_id,
         reset_context=reset_context,
         metadata=metadata,
+        supersede=supersede,
     )
     try:
         async with chat_client(settings) as client:
             return await client.send_request(request)
     except TopicMissingError as exc:
-        raise ConfigError(
-            f"{exc}: start the worker (it creates its topics) or create it with "
-            "TOPIC_PARTITIONS partitions"
-        ) from exc
+        raise _missing_topic(exc) from exc
+
+
+async def send_cancel(
+    settings: Settings, conversation_id: str, request_id: str | None = None
+) -> None:
+    """Produce one ChatCancel keyed by its conversation: ``request_id``, or every request of the
+    conversation the worker took before it. A refused id is a ``ConfigError`` naming the field;
+    a missing request topic too, as for ``send_request``."""
+    try:
+        client_cancel(conversation_id, request_id)
+    except InvalidRequestError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        async with chat_client(settings) as client:
+            await client.cancel(conversation_id, request_id)
+    except TopicMissingError as exc:
+        raise _missing_topic(exc) from exc
+
+
+def _missing_topic(exc: TopicMissingError) -> ConfigError:
+    return ConfigError(
+        f"{exc}: start the worker (it creates its topics) or create it with "
+        "TOPIC_PARTITIONS partitions"
+    )
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -168,6 +194,9 @@ class TailRenderer:
         elif response.status == "expired":
             reason = response.error.message if response.error else "expired"
             status = f"EXPIRED, not run: {reason}"
+        elif response.status == "cancelled":
+            reason = response.error.message if response.error else "cancelled"
+            status = f"CANCELLED after {response.delta_count} deltas: {reason}"
         else:
             error = response.error
             status = f"FAILED {error.code}: {error.message}" if error else "FAILED"

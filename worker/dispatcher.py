@@ -9,6 +9,12 @@ leading run of finished records, so Faust's commit can never pass a request stil
 What running a record means is ``worker.lifecycle``'s: the dispatcher creates a record's task
 when the scheduler starts it, awaits ``RequestLifecycle.run`` there, and acks what it finished.
 On a release (shutdown, every revocation: §9) it lets go of every record it took, within a bound.
+
+A cancel (``chat.cancel.v1``, or a request with ``supersede``) must not wait behind the requests
+it cancels: it is applied when it is taken (``RequestLifecycle.cancel``), to the records of its
+partition taken before it, whatever the scheduler's queues (docs/design.md §5.8). The look-ahead
+is the buffer: a cancel that finds it full waits for room like any record. The cancel record
+itself is then scheduled without an ordering key and acked in offset order like any other.
 """
 
 from __future__ import annotations
@@ -120,6 +126,11 @@ class Dispatcher:
         if self._taken_before(message):
             return
         record = self._lifecycle.read(event)
+        if record.cancels_others:
+            tp = message.tp
+            self._lifecycle.cancel(
+                record, (job.record for (taken, _), job in self._jobs.items() if taken == tp)
+            )
         job = Job(record)
         self._jobs[(message.tp, message.offset)] = job
         self._start(self.scheduler.submit(message.tp, message.offset, record.conversation_id, job))

@@ -3,9 +3,15 @@
 The dispatcher (``worker.dispatcher``) decides *when* a record runs and acks it once this module
 says it is finished. What running it means is decided here, in order:
 
-1. ``read``: the record is decoded once: a request, or a dead letter with its reason.
-2. ``run``: a dead letter is published. A request that finished before (§5.5) is skipped. A
-   request too old to start (``expires_at``, ``WORKER_REQUEST_MAX_AGE_S``) or whose conversation
+1. ``read``: the record is decoded once: a request, a cancel, or a dead letter with its reason.
+   A cancel (or a request with ``supersede``) is applied by the dispatcher when it takes the
+   record (``cancel``, §5.8): a targeted request not started yet ends ``cancelled`` when its turn
+   comes, without a Vapi call; one streaming from Vapi has its task cancelled, which closes its
+   HTTP stream, and ends ``cancelled`` with the text streamed so far. One in its final step, or
+   finished, is not affected.
+2. ``run``: a dead letter is published; a cancel has nothing left to do. A request that finished
+   before (§5.5) is skipped; one cancelled before it started ends ``cancelled``. A request too
+   old to start (``expires_at``, ``WORKER_REQUEST_MAX_AGE_S``) or whose conversation
    spent its budget (``WORKER_CONVERSATION_BUDGET_USD``) gets its ``expired`` or ``failed``
    response and no Vapi call; nothing of its conversation's state changes. Otherwise
    ``RequestHandler.handle`` streams it from Vapi, publishing its deltas, to an ``Outcome``: a
@@ -27,22 +33,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
 from worker.budget import budget_exceeded
+from worker.cancellation import Cancellation, cancellation_by, targets
 from worker.config import Settings
 from worker.errors import BudgetExceededError, InvalidRequestError, RequestExpiredError
 from worker.failures import stops_the_worker
 from worker.messages import (
+    ChatCancel,
     ChatRequest,
     ChatResponse,
     Headers,
     RecordHeaders,
-    decode_request,
+    decode_record,
     output_headers,
 )
 from worker.metrics import WorkerMetrics
@@ -113,15 +121,26 @@ class FinalOutputs(Protocol):
         ...
 
 
+#: Where a request is in its run, as a cancel sees it: not begun (a cancel ends it before any
+#: call), streaming from Vapi (a cancel cancels its task), or past both (a cancel is too late).
+Phase = Literal["waiting", "handling", "ended"]
+
+
 @dataclass(eq=False, slots=True)
 class Record:
-    """One taken record, read once: a request, or the reason it is a dead letter."""
+    """One taken record, read once: a request, a cancel, or the reason it is a dead letter."""
 
     event: Event
     queued_at: float
     request: ChatRequest | None
     invalid: InvalidRequestError | None
     trace_headers: RecordHeaders = ()
+    cancel: ChatCancel | None = None
+    #: Set by a cancel or a superseding request taken after this one.
+    cancellation: Cancellation | None = None
+    phase: Phase = "waiting"
+    #: The task running the request, while it is ``handling``.
+    task: asyncio.Task[object] | None = None
 
     @property
     def message(self) -> Message:
@@ -129,8 +148,15 @@ class Record:
 
     @property
     def conversation_id(self) -> str | None:
-        """The ordering key: the request's conversation; None for a dead letter."""
+        """The ordering key: the request's conversation; None for a cancel (it runs at once: its
+        effect was applied when it was taken) and for a dead letter."""
         return None if self.request is None else self.request.conversation_id
+
+    @property
+    def cancels_others(self) -> bool:
+        """True for a cancel and for a request with ``supersede``: the dispatcher applies it to
+        the records taken before it."""
+        return self.cancel is not None or (self.request is not None and self.request.supersede)
 
 
 def source_position(message: Message) -> SourcePosition | None:
@@ -166,17 +192,63 @@ class RequestLifecycle:
         message = event.message
         headers = list(message.headers or ())
         try:
-            request = decode_request(
+            decoded = decode_record(
                 message.value,
                 message.key,
                 headers,
                 max_input_chars=self._settings.max_input_chars,
                 max_metadata_bytes=self._settings.max_metadata_bytes,
             )
-            self._check_assistant(request)
+            if isinstance(decoded, ChatCancel):
+                return Record(event, time.monotonic(), None, None, headers, cancel=decoded)
+            self._check_assistant(decoded)
         except InvalidRequestError as err:
             return Record(event, time.monotonic(), None, err)
-        return Record(event, time.monotonic(), request, None, headers)
+        return Record(event, time.monotonic(), decoded, None, headers)
+
+    def cancel(self, by: Record, earlier: Iterable[Record]) -> list[str]:
+        """Apply ``by`` (a cancel, or a request with ``supersede``) to the records of its
+        partition taken before it; returns the request ids it cancelled.
+
+        A targeted request not begun is marked: it ends ``cancelled`` when it runs. One streaming
+        is marked and its task cancelled: its HTTP stream closes now (§5.8). One past that is
+        finished or finishing: too late, untouched.
+        """
+        cancelling = by.cancel if by.cancel is not None else by.request
+        assert cancelling is not None
+        message = by.message
+        cancellation = cancellation_by(
+            cancelling, partition=message.partition, offset=message.offset, read_at=by.queued_at
+        )
+        cancelled: list[str] = []
+        for record in earlier:
+            request = record.request
+            if request is None or record.phase == "ended" or record.cancellation is not None:
+                continue
+            if not targets(cancelling, request):
+                continue
+            record.cancellation = cancellation
+            if record.phase == "handling" and record.task is not None:
+                record.task.cancel()
+            cancelled.append(request.request_id)
+        if by.cancel is not None:
+            self._metrics.cancels_total.labels(effect="cancelled" if cancelled else "none").inc()
+            log.info(
+                "cancel taken",
+                conversation_id=cancelling.conversation_id,
+                request_id=by.cancel.request_id,
+                cancelled=cancelled,
+                partition=message.partition,
+                offset=message.offset,
+            )
+        elif cancelled:
+            log.info(
+                "requests superseded",
+                conversation_id=cancelling.conversation_id,
+                by_request_id=by.request.request_id if by.request else None,
+                cancelled=cancelled,
+            )
+        return cancelled
 
     def _check_assistant(self, request: ChatRequest) -> None:
         allowlist = self._settings.vapi_assistant_allowlist
@@ -191,6 +263,10 @@ class RequestLifecycle:
         stops (leave it unacked)."""
         structlog.contextvars.clear_contextvars()
         request = record.request
+        # From here a cancel reaches the request only while it streams (``handling``).
+        cancellation, record.phase = record.cancellation, "ended"
+        if record.cancel is not None:
+            return True  # applied when it was taken
         if request is None:
             return await self._dead_letter(record)
         structlog.contextvars.bind_contextvars(
@@ -202,6 +278,15 @@ class RequestLifecycle:
                 self._count("duplicate")
                 log.info("duplicate request skipped", offset=record.message.offset)
                 return True
+            if cancellation is not None:
+                # Remembered as finished (its response is out), the conversation's chat id kept.
+                cancelled = self._handler.cancelled_before_start(
+                    request, cancellation, queued_at=record.queued_at
+                )
+                self._count("cancelled")
+                return await self._shielded(
+                    record, self._final_step(record, request, cancelled, state)
+                )
             refusal = self._refusal(record, request, state)
             if refusal is not None:
                 refused = self._handler.refuse(request, refusal, queued_at=record.queued_at)
@@ -210,11 +295,17 @@ class RequestLifecycle:
                     record, self._final_step(record, request, refused, state, remember=False)
                 )
             self._metrics.in_flight.inc()
+            record.phase, record.task = "handling", asyncio.current_task()
             try:
                 outcome = await self._handler.handle(
-                    request, state, queued_at=record.queued_at, trace_headers=record.trace_headers
+                    request,
+                    state,
+                    queued_at=record.queued_at,
+                    trace_headers=record.trace_headers,
+                    cancelled=lambda: record.cancellation,
                 )
             finally:
+                record.phase, record.task = "ended", None
                 self._metrics.in_flight.dec()
         except Exception as exc:
             if stops_the_worker(exc):
@@ -241,8 +332,8 @@ class RequestLifecycle:
         ) or budget_exceeded(state.spent_usd, self._settings.worker_conversation_budget_usd)
 
     def _count(self, outcome: str) -> None:
-        """Count a request's end: ``completed``, ``failed``, ``expired``, ``duplicate`` or
-        ``invalid``."""
+        """Count a request's end: ``completed``, ``failed``, ``expired``, ``cancelled``,
+        ``duplicate`` or ``invalid``."""
         self._metrics.requests_total.labels(outcome=outcome).inc()
 
     async def _shielded(self, record: Record, step: Coroutine[object, None, bool]) -> bool:

@@ -1,11 +1,12 @@
 """The messages on the worker's topics, and the one place their JSON is validated.
 
 The models live in the client distribution (``vapi_stream_client.messages``, Faust-free, so a
-producing service can install them alone) and are re-exported here. Three messages, each with a
+producing service can install them alone) and are re-exported here. Four messages, each with a
 JSON Schema 2020-12 file in ``schemas/`` that documents it for other teams
 (``tests/unit/test_schemas.py`` keeps models and files from drifting):
 
-    ChatRequest   chat.request.v1    chat.requests   (input; decoded with ``decode_request``)
+    ChatRequest   chat.request.v1    chat.requests   (input; decoded with ``decode_record``)
+    ChatCancel    chat.cancel.v1     chat.requests   (input; decoded with ``decode_record``)
     ChatDelta     chat.delta.v1      chat.deltas     (output; one per streamed text fragment)
     ChatResponse  chat.response.v1   chat.responses  (output; exactly one per request)
 
@@ -15,23 +16,27 @@ message: producers and consumers evolve at different times, and v1 only ever gro
 fields. A breaking change gets a new schema name (``chat.request.v2``), which this worker refuses
 with ``unknown_schema``.
 
-``decode_request`` never raises anything but ``InvalidRequestError`` whose ``reason`` is one of
+``decode_record`` never raises anything but ``InvalidRequestError`` whose ``reason`` is one of
 ``INVALID_REASONS``: the caller routes every such record to the dead-letter topic with that reason.
+A record of the request topic is a cancel when its ``schema`` (the body's field, else the
+``schema`` header) is ``chat.cancel.v1``, and a request otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 
 import pydantic_core
 from pydantic import ValidationError
 
+from vapi_stream_client.messages import CANCEL_SCHEMA as CANCEL_SCHEMA
 from vapi_stream_client.messages import DELTA_SCHEMA as DELTA_SCHEMA
 from vapi_stream_client.messages import MAX_ID_CHARS as MAX_ID_CHARS
 from vapi_stream_client.messages import REQUEST_SCHEMA as REQUEST_SCHEMA
 from vapi_stream_client.messages import RESPONSE_SCHEMA as RESPONSE_SCHEMA
 from vapi_stream_client.messages import RFC3339_PATTERN as RFC3339_PATTERN
+from vapi_stream_client.messages import ChatCancel as ChatCancel
 from vapi_stream_client.messages import ChatDelta as ChatDelta
 from vapi_stream_client.messages import ChatInput as ChatInput
 from vapi_stream_client.messages import ChatRequest as ChatRequest
@@ -80,6 +85,40 @@ _CONTENT_TYPE_HEADER: Final = ("content-type", b"application/json")
 # --- decoding -------------------------------------------------------------------------------------
 
 
+def decode_record(
+    value: bytes | None,
+    key: bytes | None,
+    headers: Iterable[tuple[str, bytes | None]] = (),
+    *,
+    max_input_chars: int,
+    max_metadata_bytes: int,
+) -> ChatRequest | ChatCancel:
+    """Decode and validate one record from the request topic: a request or a cancel.
+
+    Checks run in this order, and the first failure decides the reason: empty, not_utf8,
+    not_json (also: NaN, unpaired surrogate escapes, nesting deeper than 200), not_object,
+    unknown_schema (a schema other than chat.request.v1 and chat.cancel.v1, or a ``schema``
+    header that names another schema than the body), missing_field, empty_conversation_id,
+    invalid_field, missing_key (a null key), key_mismatch (a key, even an empty one, that is not
+    the UTF-8 of ``conversation_id``), then for a request input_too_large, metadata_too_large.
+    Raises ``InvalidRequestError`` and nothing else, whatever the bytes.
+
+    The key must be the conversation_id: it decides the partition, and so which worker runs the
+    turn and which changelog partition holds the conversation's state. A turn on another
+    partition would run beside the conversation's other turns, on state they have not written yet;
+    a cancel on another partition would not find the requests it names.
+    """
+    document = _parse_object(value)
+    if _schema_of(document, headers) == CANCEL_SCHEMA:
+        cancel = _validate(ChatCancel, document)
+        _check_key(cancel.conversation_id, key)
+        return cancel
+    request = _validate(ChatRequest, document)
+    _check_key(request.conversation_id, key)
+    _check_sizes(request, max_input_chars=max_input_chars, max_metadata_bytes=max_metadata_bytes)
+    return request
+
+
 def decode_request(
     value: bytes | None,
     key: bytes | None,
@@ -88,25 +127,19 @@ def decode_request(
     max_input_chars: int,
     max_metadata_bytes: int,
 ) -> ChatRequest:
-    """Decode and validate one record from the request topic.
-
-    Checks run in this order, and the first failure decides the reason: empty, not_utf8,
-    not_json (also: NaN, unpaired surrogate escapes, nesting deeper than 200), not_object,
-    unknown_schema (body field or ``schema`` header), missing_field, empty_conversation_id,
-    invalid_field, missing_key (a null key), key_mismatch (a key, even an empty one, that is not
-    the UTF-8 of ``conversation_id``), input_too_large, metadata_too_large. Raises
-    ``InvalidRequestError`` and nothing else, whatever the bytes.
-
-    The key must be the conversation_id: it decides the partition, and so which worker runs the
-    turn and which changelog partition holds the conversation's state. A turn on another
-    partition would run beside the conversation's other turns, on state they have not written yet.
-    """
-    document = _parse_object(value)
-    _check_schema(document, headers)
-    request = _validate(document)
-    _check_key(request, key)
-    _check_sizes(request, max_input_chars=max_input_chars, max_metadata_bytes=max_metadata_bytes)
-    return request
+    """``decode_record`` for a record that must be a request: a cancel is ``unknown_schema``."""
+    decoded = decode_record(
+        value,
+        key,
+        headers,
+        max_input_chars=max_input_chars,
+        max_metadata_bytes=max_metadata_bytes,
+    )
+    if not isinstance(decoded, ChatRequest):
+        raise InvalidRequestError(
+            "unknown_schema", detail=f"a {CANCEL_SCHEMA} record, expected {REQUEST_SCHEMA!r}"
+        )
+    return decoded
 
 
 def _parse_object(value: bytes | None) -> dict[str, Any]:
@@ -129,26 +162,43 @@ def _parse_object(value: bytes | None) -> dict[str, Any]:
     return document
 
 
-def _check_schema(document: dict[str, Any], headers: Iterable[tuple[str, bytes | None]]) -> None:
-    named = document.get("schema", REQUEST_SCHEMA)
-    if named != REQUEST_SCHEMA:
+_INPUT_SCHEMAS: Final = (REQUEST_SCHEMA, CANCEL_SCHEMA)
+
+
+def _schema_of(document: dict[str, Any], headers: Iterable[tuple[str, bytes | None]]) -> str:
+    """The record's schema: the body's ``schema`` field, else its ``schema`` header, else a
+    request. Body and header must agree, and name one of the request topic's two schemas."""
+    named: object = document.get("schema")
+    if "schema" in document and named not in _INPUT_SCHEMAS:
         raise InvalidRequestError(
             "unknown_schema",
-            detail=f"field 'schema' is {_truncate(repr(named), 60)}, expected {REQUEST_SCHEMA!r}",
+            detail=f"field 'schema' is {_truncate(repr(named), 60)}, expected "
+            f"{REQUEST_SCHEMA!r} or {CANCEL_SCHEMA!r}",
         )
     for name, header in headers:
         if name.lower() != "schema" or header is None:
             continue
-        if header != REQUEST_SCHEMA.encode():
-            shown = _truncate(repr(header.decode("utf-8", "replace")), 60)
+        shown = _truncate(repr(header.decode("utf-8", "replace")), 60)
+        if header not in (schema.encode() for schema in _INPUT_SCHEMAS):
             raise InvalidRequestError(
-                "unknown_schema", detail=f"header 'schema' is {shown}, expected {REQUEST_SCHEMA!r}"
+                "unknown_schema",
+                detail=f"header 'schema' is {shown}, expected {REQUEST_SCHEMA!r} or "
+                f"{CANCEL_SCHEMA!r}",
             )
+        if named is not None and header != str(named).encode():
+            raise InvalidRequestError(
+                "unknown_schema", detail=f"header 'schema' is {shown}, field 'schema' is {named!r}"
+            )
+        named = header.decode()
+    return REQUEST_SCHEMA if named is None else str(named)
 
 
-def _validate(document: dict[str, Any]) -> ChatRequest:
+_Input = TypeVar("_Input", ChatRequest, ChatCancel)
+
+
+def _validate(model: type[_Input], document: dict[str, Any]) -> _Input:
     try:
-        return ChatRequest.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as exc:
         raise _invalid_from(exc) from None
 
@@ -168,7 +218,7 @@ def _invalid_from(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError("invalid_field", detail=_truncate(detail))
 
 
-def _check_key(request: ChatRequest, key: bytes | None) -> None:
+def _check_key(conversation_id: str, key: bytes | None) -> None:
     if key is None:
         raise InvalidRequestError(
             "missing_key", detail="the record has no key; it must be the conversation_id"
@@ -177,9 +227,9 @@ def _check_key(request: ChatRequest, key: bytes | None) -> None:
         decoded = key.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequestError("key_mismatch", detail="the record key is not UTF-8") from None
-    if decoded != request.conversation_id:
+    if decoded != conversation_id:
         shown_key = _truncate(repr(decoded), 80)
-        shown_id = _truncate(repr(request.conversation_id), 80)
+        shown_id = _truncate(repr(conversation_id), 80)
         raise InvalidRequestError(
             "key_mismatch", detail=f"record key {shown_key} is not the conversation_id {shown_id}"
         )

@@ -4,7 +4,12 @@ Names are a contract (docs/design.md §12): dashboards, alert rules and the HPA 
 label has a bounded set of values; the sets below are pre-initialised so that each series shows
 as 0 from the first scrape, and ``rate()`` sees the first increment.
 
-    chat_worker_requests_total{outcome}          completed | failed | expired | invalid | duplicate
+    chat_worker_requests_total{outcome}          completed | failed | expired | cancelled |
+                                                 invalid | duplicate
+    chat_worker_cancels_total{effect}            chat.cancel.v1 records: "cancelled" when they
+                                                 cancelled a request, "none" when nothing matched
+    chat_worker_cancel_seconds                   cancel taken → its streaming request's Vapi call
+                                                 closed
     chat_worker_internal_errors_total            requests ended by an unplanned exception (a bug)
     chat_worker_deltas_total                     deltas published to the delta topic
     chat_worker_in_flight                        Vapi streams open now
@@ -42,7 +47,14 @@ from prometheus_client.exposition import generate_latest
 from worker.messages import InvalidReason
 
 #: Values of ``outcome`` on ``chat_worker_requests_total``.
-OUTCOMES: Final = ("completed", "failed", "expired", "invalid", "duplicate")
+OUTCOMES: Final = ("completed", "failed", "expired", "cancelled", "invalid", "duplicate")
+
+#: Values of ``effect`` on ``chat_worker_cancels_total``.
+CANCEL_EFFECTS: Final = ("cancelled", "none")
+
+#: Buckets of ``chat_worker_cancel_seconds``: a cancel closes a stream in milliseconds; one
+#: second is the contract (docs/design.md §5.8).
+CANCEL_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 #: Values of ``kind`` on ``chat_worker_tokens_total``.
 TOKEN_KINDS: Final = ("prompt", "completion")
@@ -168,6 +180,18 @@ class WorkerMetrics:
             f"{PREFIX}_requests_total",
             "Requests finished, by outcome.",
             ["outcome"],
+            registry=registry,
+        )
+        self.cancels_total = Counter(
+            f"{PREFIX}_cancels_total",
+            "chat.cancel.v1 records taken, by whether they cancelled a request.",
+            ["effect"],
+            registry=registry,
+        )
+        self.cancel_seconds = Histogram(
+            f"{PREFIX}_cancel_seconds",
+            "Time from taking a cancel to the end of its streaming request's Vapi call.",
+            buckets=CANCEL_BUCKETS_S,
             registry=registry,
         )
         self.internal_errors_total = Counter(
@@ -305,6 +329,8 @@ class WorkerMetrics:
             self.reply_checks_total.labels(result=result)
         for outcome in OUTCOMES:
             self.requests_total.labels(outcome=outcome)
+        for effect in CANCEL_EFFECTS:
+            self.cancels_total.labels(effect=effect)
         for status in VAPI_STATUSES:
             self.vapi_responses_total.labels(status=status)
         for reason in RETRY_REASONS:

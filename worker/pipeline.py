@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 import structlog
 
 from worker.acks import DeltaAcks
+from worker.cancellation import Cancellation
 from worker.coalescing import DeltaCoalescer
 from worker.errors import (
     BudgetExceededError,
@@ -112,6 +113,8 @@ class _Run:
     delta_count: int = 0
     first_delta_at: float | None = None
     stale_context_retried: bool = False
+    #: The attempt under way, or the last one: what a cancelled request ends with.
+    current: _Attempt | None = None
 
 
 @dataclass(slots=True)
@@ -170,11 +173,15 @@ class RequestHandler:
         *,
         queued_at: float,
         trace_headers: RecordHeaders = (),
+        cancelled: Callable[[], Cancellation | None] = lambda: None,
     ) -> Outcome:
         """Run ``request`` to its final response (completed or failed), deltas published.
 
         The response itself is published by the request's final step (``worker.lifecycle``),
-        which cancellation cannot stop half-way.
+        which cancellation cannot stop half-way. A task cancellation while ``cancelled()`` says
+        why (a cancel, a superseding request: §5.8) ends the request ``cancelled``: its HTTP
+        stream is closed, and the deltas it published stay; any other cancellation (a release)
+        propagates.
         """
         now = self._clock()
         previous = None if request.reset_context else state.chat_id
@@ -190,6 +197,14 @@ class RequestHandler:
         try:
             # The same headers go on every delta of the request: built once, not per delta.
             outcome = await self._run_attempts(run, output_headers(ChatDelta.SCHEMA, trace_headers))
+        except asyncio.CancelledError:
+            cancellation = cancelled()
+            if cancellation is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            outcome = await self._cancelled_while_running(run, cancellation)
         except Exception as exc:
             if stops_the_worker(exc):
                 raise
@@ -273,6 +288,69 @@ class RequestHandler:
         outcome = self._failed(run, err, status=status)
         self._record_outcome(run, outcome.response)
         return outcome
+
+    def cancelled_before_start(
+        self, request: ChatRequest, cancellation: Cancellation, *, queued_at: float
+    ) -> Outcome:
+        """The ``cancelled`` outcome of a request cancelled before it started: no Vapi call, no
+        chat id (the conversation's state keeps its chat)."""
+        now = self._clock()
+        run = _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+        log.info("request cancelled before it started", error=cancellation.code)
+        outcome = Outcome(self._cancelled_response(run, cancellation), None, None)
+        self._record_outcome(run, outcome.response)
+        return outcome
+
+    async def _cancelled_while_running(self, run: _Run, cancellation: Cancellation) -> Outcome:
+        """The ``cancelled`` outcome of a request whose task was cancelled while it ran: its
+        HTTP stream is closed by now (``aclosing``).
+
+        The response carries the text the deltas published and the cut-off chat's id, once those
+        deltas are on the broker. The outcome carries no chat id: the conversation's next turn
+        continues from the chat before this one, as if this turn had not been asked.
+        """
+        closed_s = self._clock() - cancellation.read_at
+        self._metrics.cancel_seconds.observe(closed_s)
+        log.info(
+            "request cancelled while running",
+            error=cancellation.code,
+            cancel_to_closed_ms=round(closed_s * 1000, 3),
+            deltas=run.delta_count,
+        )
+        if run.current is not None:
+            await run.current.acks.wait()
+        outcome = Outcome(self._cancelled_response(run, cancellation), None, None)
+        self._record_outcome(run, outcome.response)
+        return outcome
+
+    def _cancelled_response(self, run: _Run, cancellation: Cancellation) -> ChatResponse:
+        request, attempt = run.request, run.current
+        return ChatResponse(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            chat_id=None if attempt is None else attempt.chat_id or None,
+            previous_chat_id=run.previous_chat_id,
+            status="cancelled",
+            text="" if attempt is None else "".join(attempt.parts),
+            delta_count=0 if attempt is None else attempt.seq,
+            attempts=run.attempts,
+            context_reset=run.context_reset,
+            error=ErrorInfo(
+                code=cancellation.code,
+                message=cancellation.message,
+                retryable=False,
+                http_status=None,
+            ),
+            timings=self._timings(run),
+            metadata=request.metadata,
+        )
 
     def _internal_failure(self, run: _Run, exc: Exception) -> Outcome:
         """End the request on an exception nobody planned for: logged with its traceback, counted.
@@ -421,6 +499,7 @@ class RequestHandler:
     async def _stream_once(self, run: _Run, headers: Headers) -> _Attempt:
         request = run.request
         attempt = _Attempt(DeltaAcks(self._metrics.delta_publish_seconds.observe, self._clock))
+        run.current = attempt
         stream = self._client.stream_chat(
             self._body(run), request_id=request.request_id, attempt=run.attempts
         )

@@ -97,7 +97,14 @@ async def test_metrics_serves_the_registry_in_text_format(
     families = {f.name: f for f in text_string_to_metric_families(response.text)}
     requests = families["chat_worker_requests"]
     values = {s.labels["outcome"]: s.value for s in requests.samples if s.name.endswith("_total")}
-    assert values == {"completed": 2, "failed": 0, "expired": 0, "invalid": 0, "duplicate": 0}
+    assert values == {
+        "completed": 2,
+        "failed": 0,
+        "expired": 0,
+        "cancelled": 0,
+        "invalid": 0,
+        "duplicate": 0,
+    }
 
 
 async def test_metrics_negotiates_openmetrics(client: httpx.AsyncClient) -> None:

@@ -262,8 +262,9 @@ async def test_careless_input_gives_clear_errors_and_produces_nothing(
                 await client.send(conversation, text, **options)
         with pytest.raises(InvalidRequestError, match="ChatRequest"):
             await client.send_request({"request_id": "r", "conversation_id": "c"})  # type: ignore[arg-type]
-        with pytest.raises(NotImplementedError, match="cancel"):
-            await client.cancel("r1")
+        for conversation, request_id in [("", None), ("c1", ""), ("c1", "r" * 201)]:
+            with pytest.raises(InvalidRequestError, match=r"chat\.cancel\.v1"):
+                await client.cancel(conversation, request_id)
         assert await _record_count(kafka_bootstrap, topics.requests) == 0
 
         async with client.follow() as follower:

@@ -71,3 +71,32 @@ def test_vapi_worker_send_refuses_it_before_reaching_kafka(
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
     assert cli.main(["send", "--conversation", "", "hi"]) == 2
     assert "conversation_id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["cancel", "--conversation", ""], "conversation_id"),
+        (["cancel", "--conversation", "c1", "--request-id", ""], "request_id"),
+    ],
+)
+def test_vapi_worker_cancel_refuses_a_bad_id_before_reaching_kafka(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    field: str,
+) -> None:
+    """``vapi-worker cancel`` with an id the contract refuses exits 2 naming the field."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert field in err
+    assert "chat.cancel.v1" in err
+
+
+def test_send_supersede_sets_the_field_the_worker_reads() -> None:
+    request = new_request("c1", "hi", request_id="r1", supersede=True)
+    decoded = decode_request(
+        request.encode(), b"c1", request_headers(), max_input_chars=100, max_metadata_bytes=100
+    )
+    assert decoded.supersede is True

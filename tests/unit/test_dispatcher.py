@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from worker.config import Settings
 from worker.dispatcher import FINAL_STEPS_CUT_OFF, Dispatcher
-from worker.errors import InvalidRequestError
+from worker.errors import InvalidRequestError, VapiStatusError
 from worker.lifecycle import Event, RequestLifecycle
 from worker.messages import ChatDelta, ChatResponse
 from worker.metrics import WorkerMetrics
@@ -83,6 +83,7 @@ class Publisher:
 
     gates: Gates = field(default_factory=Gates)
     responses: list[str] = field(default_factory=list)
+    finals: dict[str, ChatResponse] = field(default_factory=dict)
     flushed: list[float] = field(default_factory=list)
 
     async def send_delta(
@@ -97,6 +98,7 @@ class Publisher:
     ) -> None:
         await self.gates.pass_(response.request_id)
         self.responses.append(response.request_id)
+        self.finals[response.request_id] = response
 
     async def send_dead_letter(self, event: Event, error: InvalidRequestError) -> None:
         self.responses.append(f"dlq:{event.message.offset}")
@@ -174,16 +176,28 @@ class Rig:
     metrics: WorkerMetrics
     offsets: dict[int, int] = field(default_factory=dict)
 
-    def record(self, conversation: str, request_id: str, partition: int = 0) -> FakeEvent:
+    def record(
+        self, conversation: str, request_id: str, partition: int = 0, **fields: object
+    ) -> FakeEvent:
         """The next record of ``partition``, as Faust hands it over (unacked from now on)."""
+        return self.raw(
+            conversation,
+            {"request_id": request_id, "conversation_id": conversation, "input": "hi", **fields},
+            partition,
+        )
+
+    def cancel(
+        self, conversation: str, request_id: str | None = None, partition: int = 0
+    ) -> FakeEvent:
+        """The next record of ``partition``: a chat.cancel.v1."""
+        body = {"schema": "chat.cancel.v1", "conversation_id": conversation}
+        return self.raw(conversation, {**body, "request_id": request_id}, partition)
+
+    def raw(self, key: str, body: dict[str, object], partition: int = 0) -> FakeEvent:
         offset = self.offsets.get(partition, 0)
         self.offsets[partition] = offset + 1
-        value = json.dumps(
-            {"request_id": request_id, "conversation_id": conversation, "input": "hi"}
-        )
-        message = Message(
-            TopicPartition(TOPIC, partition), offset, value.encode(), conversation.encode()
-        )
+        value = json.dumps(body)
+        message = Message(TopicPartition(TOPIC, partition), offset, value.encode(), key.encode())
         self.consumer.unacked.add(message)
         return FakeEvent(message)
 
@@ -210,14 +224,17 @@ class Rig:
         )
 
 
-def make_rig(**settings: object) -> Rig:
+def make_rig(
+    policy: RetryPolicy | None = None, vapi: Vapi | None = None, **settings: object
+) -> Rig:
     config = Settings(topic_requests=TOPIC, **settings)  # type: ignore[arg-type]
     metrics = WorkerMetrics(CollectorRegistry())
-    vapi, publisher, store, consumer = Vapi(), Publisher(), Store(), Consumer()
+    vapi = vapi or Vapi()
+    publisher, store, consumer = Publisher(), Store(), Consumer()
     handler = RequestHandler(
         vapi,
         publisher,
-        RetryPolicy(max_attempts=1, base_delay_s=0, max_delay_s=0),
+        policy or RetryPolicy(max_attempts=1, base_delay_s=0, max_delay_s=0),
         SharedBackoff(),
         metrics,
         HandlerSettings(default_assistant_id="sim-assistant"),
@@ -368,3 +385,157 @@ async def test_a_final_step_past_the_bound_is_cut_off_and_left_unacked() -> None
     assert rig.store.states == {}
     assert rig.stream.acked == []
     assert rig.consumer.unacked == set()
+
+
+# --- cancels (docs/design.md §5.8) ------------------------------------------------------------
+
+
+async def test_a_cancel_ends_the_streaming_request_and_a_queued_one_without_a_call() -> None:
+    """A cancel taken behind its conversation's records cancels the streaming one (its stream
+    closed, held by no gate) and the queued one (never called); both end ``cancelled``, in
+    order; every record, the cancel included, is acked in offset order."""
+    rig = make_rig()
+    rig.vapi.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await rig.take(rig.record("a", "a-2"))
+    await until(lambda: "a-1" in rig.vapi.gates.reached, "a-1 streaming")
+    await rig.take(rig.cancel("a"))
+    await rig.settled()
+    assert rig.vapi.closed == ["a-1"]
+    assert rig.vapi.calls == ["a-1"], "the queued request called Vapi"
+    assert rig.publisher.responses == ["a-1", "a-2"]
+    first, second = rig.publisher.finals["a-1"], rig.publisher.finals["a-2"]
+    assert (first.status, first.text, first.delta_count, first.chat_id) == (
+        "cancelled",
+        "Hi",
+        1,
+        "chat-a-1",
+    )
+    assert first.error is not None
+    assert first.error.code == "cancelled"
+    assert (second.status, second.attempts, second.chat_id) == ("cancelled", 0, None)
+    assert rig.stream.acked == [(0, 0), (0, 1), (0, 2)]
+    state = rig.store.get("a")
+    assert state.finished == ("a-1", "a-2")
+    assert state.chat_id is None, "a cancelled turn became the conversation's context"
+    counted = rig.metrics.registry.get_sample_value
+    assert counted("chat_worker_requests_total", {"outcome": "cancelled"}) == 2
+    assert counted("chat_worker_cancels_total", {"effect": "cancelled"}) == 1
+    assert counted("chat_worker_cancel_seconds_count", {}) == 1
+
+
+async def test_a_cancel_reaches_only_its_request_its_conversation_and_what_came_before() -> None:
+    """By request_id: only that request; another conversation on the partition and a request
+    taken after the cancel run as usual; a cancel matching nothing is counted ``none``."""
+    rig = make_rig()
+    rig.vapi.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await rig.take(rig.record("a", "a-2"))
+    await rig.take(rig.record("b", "b-1"))
+    await until(lambda: "a-1" in rig.vapi.gates.reached, "a-1 streaming")
+    await rig.take(rig.cancel("a", "a-2"))
+    await rig.take(rig.cancel("c"))
+    await rig.take(rig.record("a", "a-3"))
+    rig.vapi.gates.open("a-1")
+    await rig.settled()
+    statuses = {rid: final.status for rid, final in rig.publisher.finals.items()}
+    assert statuses == {
+        "a-1": "completed",
+        "a-2": "cancelled",
+        "b-1": "completed",
+        "a-3": "completed",
+    }
+    assert rig.vapi.calls == ["a-1", "b-1", "a-3"]
+    assert rig.stream.acked == [(0, n) for n in range(6)]
+    counted = rig.metrics.registry.get_sample_value
+    assert counted("chat_worker_cancels_total", {"effect": "cancelled"}) == 1
+    assert counted("chat_worker_cancels_total", {"effect": "none"}) == 1
+
+
+async def test_a_cancel_in_the_final_step_is_too_late() -> None:
+    """A request publishing its final response is finished for a cancel: it stays completed."""
+    rig = make_rig()
+    rig.publisher.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await until(lambda: "a-1" in rig.publisher.gates.reached, "a-1 in its final step")
+    await rig.take(rig.cancel("a", "a-1"))
+    rig.publisher.gates.open("a-1")
+    await rig.settled()
+    assert rig.publisher.finals["a-1"].status == "completed"
+    assert rig.store.get("a").chat_id == "chat-a-1"
+    counted = rig.metrics.registry.get_sample_value
+    assert counted("chat_worker_cancels_total", {"effect": "none"}) == 1
+
+
+async def test_a_superseding_request_cancels_the_earlier_ones_then_runs_on_their_context() -> None:
+    """supersede: the streaming and the queued earlier requests end ``superseded``; the new one
+    runs from the conversation's chat before them; a redelivered copy of the superseding
+    request does not cancel it."""
+    rig = make_rig()
+    await rig.take(rig.record("a", "a-0"))
+    await rig.settled()
+    rig.vapi.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await rig.take(rig.record("a", "a-2"))
+    await until(lambda: "a-1" in rig.vapi.gates.reached, "a-1 streaming")
+    await rig.take(rig.record("a", "a-3", supersede=True))
+    await rig.take(rig.record("a", "a-3", supersede=True))
+    await rig.settled()
+    finals = rig.publisher.finals
+    assert [finals[r].status for r in ("a-0", "a-1", "a-2", "a-3")] == [
+        "completed",
+        "cancelled",
+        "cancelled",
+        "completed",
+    ]
+    assert {finals[r].error.code for r in ("a-1", "a-2") if finals[r].error} == {"superseded"}
+    assert finals["a-3"].previous_chat_id == "chat-a-0"
+    assert rig.vapi.calls == ["a-0", "a-1", "a-3"]
+    assert rig.publisher.responses.count("a-3") == 1, "the copy ran again"
+    assert rig.stream.acked == [(0, n) for n in range(5)]
+
+
+@dataclass
+class FailingVapi(Vapi):
+    """Every call breaks with a 503 after one delta."""
+
+    async def stream_chat(
+        self, body: dict[str, object], *, request_id: str, attempt: int
+    ) -> AsyncGenerator[StreamDelta, None]:
+        self.calls.append(request_id)
+        yield StreamDelta(chat_id=f"chat-{attempt}", path="chat.output[0].content", delta="Hi")
+        raise VapiStatusError("Vapi returned 503", http_status=503)
+
+
+async def test_a_cancel_during_a_retry_pause_ends_the_request_without_another_call() -> None:
+    """A request waiting to retry is still running: a cancel ends it now, with the text of the
+    attempt before, and no further attempt is made."""
+    policy = RetryPolicy(max_attempts=5, base_delay_s=60, max_delay_s=60)
+    rig = make_rig(policy, FailingVapi())
+    await rig.take(rig.record("a", "a-1"))
+    await until(lambda: rig.vapi.calls == ["a-1"], "a-1's first attempt")
+    await asyncio.sleep(0.05)
+    await rig.take(rig.cancel("a", "a-1"))
+    await rig.settled()
+    final = rig.publisher.finals["a-1"]
+    assert (final.status, final.attempts, final.text, final.chat_id) == (
+        "cancelled",
+        1,
+        "Hi",
+        "chat-1",
+    )
+    assert rig.vapi.calls == ["a-1"]
+    assert rig.stream.acked == [(0, 0), (0, 1)]
+
+
+async def test_a_release_still_cuts_a_request_off_unacked_when_nothing_cancelled_it() -> None:
+    """Only a cancel's mark turns a task cancellation into a ``cancelled`` response: a release
+    leaves the request without a response and unacked, for its next owner."""
+    rig = make_rig()
+    rig.vapi.gates.hold("a-1")
+    await rig.take(rig.record("a", "a-1"))
+    await rig.take(rig.cancel("b"))
+    await until(lambda: "a-1" in rig.vapi.gates.reached, "a-1 streaming")
+    assert await rig.dispatcher.release(grace_s=0.01)
+    assert rig.publisher.responses == []
+    assert rig.stream.acked == []

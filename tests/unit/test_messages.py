@@ -15,6 +15,7 @@ from worker.errors import InvalidRequestError
 from worker.messages import (
     INVALID_REASONS,
     MAX_DETAIL_CHARS,
+    ChatCancel,
     ChatDelta,
     ChatRequest,
     ChatResponse,
@@ -22,6 +23,7 @@ from worker.messages import (
     Timings,
     VapiMessage,
     dead_letter_headers,
+    decode_record,
     decode_request,
     output_headers,
 )
@@ -456,3 +458,68 @@ def test_dead_letter_headers_replace_earlier_dlq_headers() -> None:
     detail = headers["dlq-detail"]
     assert detail is not None
     assert len(detail.decode()) == MAX_DETAIL_CHARS
+
+
+# --- chat.cancel.v1 on the request topic ----------------------------------------------------------
+
+
+def _decode_any(
+    value: bytes, key: bytes | None, headers: list[tuple[str, bytes | None]] | None = None
+) -> ChatRequest | ChatCancel:
+    return decode_record(value, key, headers or [], max_input_chars=100, max_metadata_bytes=100)
+
+
+def test_a_cancel_record_decodes_as_a_cancel() -> None:
+    cancel = _decode_any(
+        b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":"r"}', b"c"
+    )
+    assert isinstance(cancel, ChatCancel)
+    assert (cancel.conversation_id, cancel.request_id) == ("c", "r")
+    whole = _decode_any(b'{"schema":"chat.cancel.v1","conversation_id":"c"}', b"c")
+    assert isinstance(whole, ChatCancel)
+    assert whole.request_id is None
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "headers", "reason"),
+    [
+        (b'{"schema":"chat.cancel.v1","conversation_id":"c"}', b"other", [], "key_mismatch"),
+        (b'{"schema":"chat.cancel.v1","conversation_id":"c"}', None, [], "missing_key"),
+        (b'{"schema":"chat.cancel.v1"}', b"c", [], "missing_field"),
+        (b'{"schema":"chat.cancel.v1","conversation_id":""}', b"", [], "empty_conversation_id"),
+        (
+            b'{"schema":"chat.cancel.v1","conversation_id":"c","request_id":5}',
+            b"c",
+            [],
+            "invalid_field",
+        ),
+        (b'{"schema":"chat.cancel.v2","conversation_id":"c"}', b"c", [], "unknown_schema"),
+        # The header and the body name different schemas.
+        (
+            b'{"schema":"chat.cancel.v1","conversation_id":"c"}',
+            b"c",
+            [("schema", b"chat.request.v1")],
+            "unknown_schema",
+        ),
+        # A cancel header on a body without its schema field: the field is required.
+        (b'{"conversation_id":"c"}', b"c", [("schema", b"chat.cancel.v1")], "missing_field"),
+    ],
+)
+def test_a_bad_cancel_is_a_dead_letter_with_its_reason(
+    value: bytes, key: bytes | None, headers: list[tuple[str, bytes | None]], reason: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        _decode_any(value, key, headers)
+    assert raised.value.reason == reason
+    assert raised.value.reason in INVALID_REASONS
+
+
+def test_decode_request_refuses_a_cancel() -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        decode_request(
+            b'{"schema":"chat.cancel.v1","conversation_id":"c"}',
+            b"c",
+            max_input_chars=100,
+            max_metadata_bytes=100,
+        )
+    assert raised.value.reason == "unknown_schema"

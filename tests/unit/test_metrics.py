@@ -47,6 +47,8 @@ CONTRACT = {
     "chat_worker_cost_usd": "counter",
     "chat_worker_tokens": "counter",
     "chat_worker_reply_checks": "counter",
+    "chat_worker_cancels": "counter",
+    "chat_worker_cancel_seconds": "histogram",
 }
 
 
@@ -116,7 +118,7 @@ def test_vapi_ready_starts_at_one(registry: CollectorRegistry, metrics: WorkerMe
 
 def test_outcomes_and_retry_reasons_match_the_contract() -> None:
     """The label sets are the ones dashboards and the pipeline use."""
-    assert set(OUTCOMES) == {"completed", "failed", "expired", "invalid", "duplicate"}
+    assert set(OUTCOMES) == {"completed", "failed", "expired", "cancelled", "invalid", "duplicate"}
     assert {
         "rate_limited",
         "server_error",

@@ -23,6 +23,7 @@ from vapi_stream_client import folding
 from worker.errors import InvalidRequestError
 from worker.messages import (
     RFC3339_PATTERN,
+    ChatCancel,
     ChatDelta,
     ChatRequest,
     ChatResponse,
@@ -30,6 +31,7 @@ from worker.messages import (
     ErrorInfo,
     Timings,
     VapiMessage,
+    decode_record,
     decode_request,
 )
 
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.unit
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 MODELS: dict[str, type[BaseModel]] = {
     "chat.request.v1": ChatRequest,
+    "chat.cancel.v1": ChatCancel,
     "chat.delta.v1": ChatDelta,
     "chat.response.v1": ChatResponse,
 }
@@ -78,6 +81,13 @@ REQUESTS = [
         metadata={"nested": {"list": [1, 2.5, None]}},
         reset_context=True,
         expires_at=datetime(2026, 11, 30, 9, 30, tzinfo=timezone(timedelta(hours=-5))),
+        supersede=True,
+    ),
+]
+CANCELS = [
+    ChatCancel.model_validate({"schema": "chat.cancel.v1", "conversation_id": "c"}),
+    ChatCancel.model_validate(
+        {"schema": "chat.cancel.v1", "conversation_id": "c" * 200, "request_id": "r" * 200}
     ),
 ]
 DELTAS = [
@@ -152,9 +162,24 @@ RESPONSES = [
         timings=TIMINGS,
         metadata=None,
     ),
+    ChatResponse(
+        request_id="r",
+        conversation_id="c",
+        chat_id="x",
+        previous_chat_id="p",
+        status="cancelled",
+        text="half a rep",
+        delta_count=3,
+        attempts=1,
+        context_reset=False,
+        error=ErrorInfo(code="cancelled", message="cancelled", retryable=False, http_status=None),
+        timings=TIMINGS,
+        metadata=None,
+    ),
 ]
 VALID: list[tuple[str, BaseModel]] = [
     *(("chat.request.v1", m) for m in REQUESTS),
+    *(("chat.cancel.v1", m) for m in CANCELS),
     *(("chat.delta.v1", m) for m in DELTAS),
     *(("chat.response.v1", m) for m in RESPONSES),
 ]
@@ -174,6 +199,8 @@ _P = _wire(RESPONSES[0])
 _F = _wire(RESPONSES[1])
 _C = _wire(RESPONSES[2])
 _X = _wire(RESPONSES[3])
+_K = _wire(RESPONSES[4])
+_Q = _wire(CANCELS[1])
 _DELETE = object()
 
 INVALID: list[tuple[str, dict[str, Any], str, object]] = [
@@ -199,6 +226,17 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.request.v1", _R, "expires_at", "2026-11-30"),
     ("chat.request.v1", _R, "expires_at", "tomorrow"),
     ("chat.request.v1", _R, "expires_at", 1764493200),
+    ("chat.request.v1", _R, "supersede", "true"),
+    ("chat.request.v1", _R, "supersede", None),
+    ("chat.request.v1", _R, "schema", "chat.cancel.v1"),
+    ("chat.cancel.v1", _Q, "schema", _DELETE),
+    ("chat.cancel.v1", _Q, "schema", "chat.request.v1"),
+    ("chat.cancel.v1", _Q, "conversation_id", _DELETE),
+    ("chat.cancel.v1", _Q, "conversation_id", ""),
+    ("chat.cancel.v1", _Q, "conversation_id", 7),
+    ("chat.cancel.v1", _Q, "request_id", ""),
+    ("chat.cancel.v1", _Q, "request_id", "r" * 201),
+    ("chat.cancel.v1", _Q, "request_id", 1),
     ("chat.delta.v1", _D, "attempt", 0),
     ("chat.delta.v1", _D, "attempt", True),
     ("chat.delta.v1", _D, "attempt", 1.5),
@@ -236,6 +274,7 @@ INVALID: list[tuple[str, dict[str, Any], str, object]] = [
     ("chat.response.v1", _C, "stream_complete", "false"),
     ("chat.response.v1", _X, "error", None),
     ("chat.response.v1", _X, "status", "timeout"),
+    ("chat.response.v1", _K, "error", None),
 ]
 
 
@@ -272,6 +311,31 @@ def test_required_sets_agree(name: str) -> None:
     """The schema's required list is exactly the model's required fields."""
     required = {field for field, is_required in _fields(MODELS[name]).items() if is_required}
     assert set(_schema(name)["required"]) == required
+
+
+def test_decode_record_agrees_with_the_cancel_schema() -> None:
+    """decode_record reads the valid cancel samples as cancels and refuses the invalid ones."""
+    validator = _validator("chat.cancel.v1")
+    for message in CANCELS:
+        key = message.conversation_id.encode()
+        decoded = decode_record(
+            message.encode(), key, max_input_chars=10_000, max_metadata_bytes=10_000
+        )
+        assert decoded == message
+    for name, document, field, value in INVALID:
+        if name != "chat.cancel.v1":
+            continue
+        changed = _changed(document, field, value)
+        assert not validator.is_valid(changed)
+        if field == "schema":
+            continue  # without its schema field the record is read as a request (and refused)
+        with pytest.raises(InvalidRequestError):
+            decode_record(
+                json.dumps(changed).encode(),
+                document["conversation_id"].encode(),
+                max_input_chars=10_000,
+                max_metadata_bytes=10_000,
+            )
 
 
 @pytest.mark.parametrize(

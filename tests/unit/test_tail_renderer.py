@@ -162,3 +162,21 @@ def test_since_rejects_what_it_cannot_read_with_the_forms_it_takes(text: str) ->
     """An unreadable ``--since`` is an error that names the accepted forms."""
     with pytest.raises(ValueError, match="duration"):
         parse_since(text, datetime(2026, 1, 2, tzinfo=UTC))
+
+
+def test_a_cancelled_request_says_so_with_what_it_streamed() -> None:
+    cancelled = _response("failed").model_copy(
+        update={
+            "status": "cancelled",
+            "delta_count": 1,
+            "error": ErrorInfo(
+                code="cancelled",
+                message="cancelled by the chat.cancel.v1 record at partition 0, offset 7",
+                retryable=False,
+                http_status=None,
+            ),
+        }
+    )
+    out = _render(_delta(0, "Hel"), cancelled)
+    assert "Hel" in out
+    assert "CANCELLED after 1 deltas: cancelled by the chat.cancel.v1 record" in out

@@ -18,6 +18,7 @@ from vapi_stream_client.client import (
     Follower,
     Start,
     Topics,
+    new_cancel,
     new_request,
     partition_for,
 )
@@ -37,10 +38,11 @@ from vapi_stream_client.events import (
     Unreadable,
 )
 from vapi_stream_client.folding import StreamFolder
-from vapi_stream_client.messages import ChatDelta, ChatRequest, ChatResponse
+from vapi_stream_client.messages import ChatCancel, ChatDelta, ChatRequest, ChatResponse
 
 __all__ = [
     "AskTimeoutError",
+    "ChatCancel",
     "ChatClient",
     "ChatDelta",
     "ChatRequest",
@@ -59,6 +61,7 @@ __all__ = [
     "TopicMissingError",
     "Topics",
     "Unreadable",
+    "new_cancel",
     "new_request",
     "partition_for",
 ]

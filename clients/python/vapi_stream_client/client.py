@@ -38,7 +38,14 @@ from vapi_stream_client.errors import (
 )
 from vapi_stream_client.events import Event, FollowEvent, Response, Unreadable
 from vapi_stream_client.folding import StreamFolder
-from vapi_stream_client.messages import ChatDelta, ChatInput, ChatRequest, ChatResponse
+from vapi_stream_client.messages import (
+    CANCEL_SCHEMA,
+    ChatCancel,
+    ChatDelta,
+    ChatInput,
+    ChatRequest,
+    ChatResponse,
+)
 from vapi_stream_client.messages import request_headers as contract_headers
 
 #: Where a follower starts: the topics' end (what is published from now on) or their beginning.
@@ -76,6 +83,7 @@ def new_request(
     assistant_overrides: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     reset_context: bool = False,
+    supersede: bool = False,
 ) -> ChatRequest:
     """A ``ChatRequest`` with a new request id unless one is given.
 
@@ -91,14 +99,32 @@ def new_request(
                 "assistant_overrides": assistant_overrides,
                 "metadata": metadata,
                 "reset_context": reset_context,
+                "supersede": supersede,
             }
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'request'}: {error['msg']}"
-            for error in exc.errors(include_url=False, include_input=False)
+        raise InvalidRequestError(_problems(ChatRequest.SCHEMA, exc)) from None
+
+
+def new_cancel(conversation_id: str, request_id: str | None = None) -> ChatCancel:
+    """A ``ChatCancel`` of ``request_id``, or of every request of the conversation taken before it.
+
+    What the contract refuses is an ``InvalidRequestError`` naming each field and rule.
+    """
+    try:
+        return ChatCancel.model_validate(
+            {"schema": CANCEL_SCHEMA, "conversation_id": conversation_id, "request_id": request_id}
         )
-        raise InvalidRequestError(f"not a valid {ChatRequest.SCHEMA} request: {problems}") from None
+    except ValidationError as exc:
+        raise InvalidRequestError(_problems(ChatCancel.SCHEMA, exc)) from None
+
+
+def _problems(schema: str, exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'message'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)
+    )
+    return f"not a valid {schema} message: {problems}"
 
 
 def _checked_headers(headers: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -185,10 +211,12 @@ class ChatClient:
         assistant_overrides: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reset_context: bool = False,
+        supersede: bool = False,
         headers: Sequence[tuple[str, bytes]] = (),
     ) -> str:
         """Produce one request keyed by its conversation; returns its ``request_id`` once the
-        broker has it (all in-sync replicas)."""
+        broker has it (all in-sync replicas). ``supersede``: the conversation's earlier requests
+        still queued or streaming are cancelled before it runs."""
         request = new_request(
             conversation_id,
             input,
@@ -197,6 +225,7 @@ class ChatClient:
             assistant_overrides=assistant_overrides,
             metadata=metadata,
             reset_context=reset_context,
+            supersede=supersede,
         )
         return await self.send_request(request, headers=headers)
 
@@ -219,10 +248,28 @@ class ChatClient:
         )
         return request.request_id
 
-    async def cancel(self, request_id: str) -> None:
-        """Not available: the worker has no cancel message yet. When the contract gains one,
-        this produces it; until then a request runs to its final response."""
-        raise NotImplementedError("the worker has no cancel message yet (chat.request.v1 only)")
+    async def cancel(
+        self,
+        conversation_id: str,
+        request_id: str | None = None,
+        *,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Produce a ``chat.cancel.v1`` keyed by the conversation; returns once the broker has it.
+
+        With ``request_id``: that request; without: every request of the conversation the worker
+        took before this cancel. Each cancelled request, queued or streaming, ends with one
+        ``status: "cancelled"`` response; a request already finished is not affected.
+        """
+        cancel = new_cancel(conversation_id, request_id)
+        extra = _checked_headers(headers)
+        producer = await self._started_producer()
+        await producer.send_and_wait(
+            self.topics.requests,
+            cancel.encode(),
+            key=conversation_id.encode(),
+            headers=[*contract_headers(CANCEL_SCHEMA), *extra],
+        )
 
     async def _started_producer(self) -> AIOKafkaProducer:
         if self._producer is None:

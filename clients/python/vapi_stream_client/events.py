@@ -48,7 +48,8 @@ class Restart:
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """The final response to a request: ``completed`` with the whole ``text``, or ``failed``."""
+    """The final response to a request: ``completed`` with the whole ``text``; ``failed``,
+    ``expired`` or ``cancelled`` (``text``: what was streamed before the cancel)."""
 
     response: ChatResponse
 

@@ -1,9 +1,10 @@
-"""The messages on the worker's topics: the pydantic models of the three contracts.
+"""The messages on the worker's topics: the pydantic models of the four contracts.
 
-Three messages, each with a JSON Schema 2020-12 file in the repository's ``schemas/`` that
+Four messages, each with a JSON Schema 2020-12 file in the repository's ``schemas/`` that
 documents it for other teams (the worker's tests keep models and files from drifting):
 
     ChatRequest   chat.request.v1    chat.requests   (what a producer sends)
+    ChatCancel    chat.cancel.v1     chat.requests   (cancels requests of one conversation)
     ChatDelta     chat.delta.v1      chat.deltas     (one per streamed text fragment)
     ChatResponse  chat.response.v1   chat.responses  (exactly one per request, in normal operation)
 
@@ -35,6 +36,7 @@ from pydantic import (
 REQUEST_SCHEMA: Final = "chat.request.v1"
 DELTA_SCHEMA: Final = "chat.delta.v1"
 RESPONSE_SCHEMA: Final = "chat.response.v1"
+CANCEL_SCHEMA: Final = "chat.cancel.v1"
 
 MAX_ID_CHARS: Final = 200
 
@@ -121,6 +123,8 @@ class ChatRequest(BaseModel):
     reset_context: bool = False
     #: Past this moment the request is not started (``status: "expired"``, no Vapi call).
     expires_at: Rfc3339 | None = None
+    #: True: the conversation's earlier requests still queued or streaming are cancelled first.
+    supersede: bool = False
     # Optional on the wire (absent means v1); always written by ``encode``.
     schema_: Literal["chat.request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
 
@@ -132,6 +136,28 @@ class ChatRequest(BaseModel):
 
     def encode(self) -> bytes:
         """Compact UTF-8 JSON, as a producer would send it (unset optional fields left out)."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ChatCancel(BaseModel):
+    """Cancels requests of one conversation (``chat.cancel.v1``, on the request topic).
+
+    Keyed by ``conversation_id`` like a request. With ``request_id``: that request; without:
+    every request of the conversation the worker took before the cancel. A cancelled request
+    that is queued or streaming ends with one ``status: "cancelled"`` response; one already
+    finished, or not yet taken, is not affected (docs/design.md §5.8).
+    """
+
+    model_config = _MODEL_CONFIG
+    SCHEMA: ClassVar[str] = CANCEL_SCHEMA
+
+    # Required on the wire: a record without ``schema`` is a chat.request.v1.
+    schema_: Literal["chat.cancel.v1"] = Field(alias="schema")
+    conversation_id: Id
+    request_id: Id | None = None
+
+    def encode(self) -> bytes:
+        """Compact UTF-8 JSON (an absent ``request_id`` left out)."""
         return self.model_dump_json(exclude_none=True).encode()
 
 
@@ -195,8 +221,11 @@ class ChatResponse(BaseModel):
     """The outcome of one request, exactly one per ``request_id`` (``chat.response.v1``).
 
     ``expired``: the request was not run (no Vapi call), it was too old (``expires_at`` or
-    ``WORKER_REQUEST_MAX_AGE_S``); ``error`` says which. ``cost`` and ``stream_complete`` are
-    set on a completed response whose chat was fetched (``VAPI_FETCH_CHAT``), null otherwise;
+    ``WORKER_REQUEST_MAX_AGE_S``); ``error`` says which. ``cancelled``: a ``chat.cancel.v1`` or a
+    superseding request ended it; ``text`` is what was streamed before (its deltas stay),
+    ``chat_id`` the cut-off chat, which the conversation's next turn does not continue from.
+    ``cost`` and ``stream_complete`` are set on a completed response whose chat was fetched
+    (``VAPI_FETCH_CHAT``), null otherwise;
     ``stream_complete`` false means the stream ended before the reply did and ``text`` is
     Vapi's whole reply, not the deltas.
     """
@@ -208,7 +237,7 @@ class ChatResponse(BaseModel):
     conversation_id: Id
     chat_id: Annotated[str, Field(min_length=1)] | None
     previous_chat_id: Annotated[str, Field(min_length=1)] | None
-    status: Literal["completed", "failed", "expired"]
+    status: Literal["completed", "failed", "expired", "cancelled"]
     text: str
     delta_count: Annotated[int, Field(ge=0)]
     # 0 when the request failed before Vapi was called (a 429 pause past its deadline, a bug).
@@ -236,6 +265,6 @@ class ChatResponse(BaseModel):
 _DELTA_SERIALIZER: Final = ChatDelta.__pydantic_serializer__
 
 
-def request_headers() -> list[tuple[str, bytes]]:
-    """The headers of a request record: its content type and schema name."""
-    return [("content-type", b"application/json"), ("schema", REQUEST_SCHEMA.encode())]
+def request_headers(schema: str = REQUEST_SCHEMA) -> list[tuple[str, bytes]]:
+    """The headers of a record on the request topic: its content type and schema name."""
+    return [("content-type", b"application/json"), ("schema", schema.encode())]
