@@ -1,10 +1,10 @@
 """``python -m bench.rocksdb_worker run``: the worker with its table in Faust's RocksDB store.
 
 For ``bench.table_recovery --store rocksdb`` only. The worker keeps ``chat-state`` in memory
-(``worker.table_store``); this entry point builds the same worker with Faust's RocksDB store
-(``rocksdict``) for the table instead, in the data directory ``BENCH_TABLE_DATADIR``, which
-outlives the process: a second start finds the first one's databases and their persisted
-changelog offsets, as a pod would on a persistent volume.
+(``worker.kafka_adapters.TableStore``); this entry point builds the same worker with Faust's
+RocksDB store (``rocksdict``) for the table instead, in the data directory
+``BENCH_TABLE_DATADIR``, which outlives the process: a second start finds the first one's
+databases and their persisted changelog offsets, as a pod would on a persistent volume.
 
 Only the table's recovery is measured with it. The worker's own table writes and its expiry
 sweep use the in-memory store's partition index, which this store does not keep: the bench sends
@@ -48,7 +48,7 @@ def _use_rocksdb(datadir: Path) -> None:
     from faust.stores.rocksdb import Store as RocksDBStore
 
     from worker import runner
-    from worker.state import StateTable
+    from worker.kafka_adapters import StateTable
 
     class BenchRocksDBStore(RocksDBStore):
         """Faust's RocksDB store, with the two names the worker reads besides the mapping."""

@@ -18,13 +18,19 @@ from worker.config import Settings
 from worker.dispatcher import Dispatcher
 from worker.expiry import ConversationExpiry, sweep_interval_s
 from worker.fleet_limits import FleetLimits, LimitedVapiClient, follow_assignments
-from worker.kafka_adapters import FaustApp, IdempotentProducer, KafkaPublisher, RewindingConsumer
+from worker.kafka_adapters import (
+    FaustApp,
+    IdempotentProducer,
+    KafkaPublisher,
+    RewindingConsumer,
+    StateTable,
+)
 from worker.lifecycle import RequestLifecycle
 from worker.metrics import WorkerMetrics
 from worker.pipeline import HandlerSettings, RequestHandler
 from worker.reply_check import ReplyChecker
 from worker.retry import RetryPolicy, SharedBackoff
-from worker.state import ConversationStore, StateTable
+from worker.state import ConversationStore
 from worker.topics import STATE_TABLE, faust_credentials
 from worker.vapi.client import VapiClient, VapiTimeouts
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.state import StateTable, value_last_active_ms, with_last_active
+from worker.kafka_adapters import StateTable
+from worker.state import value_last_active_ms, with_last_active
 
 log = structlog.get_logger(__name__)
 

@@ -4,8 +4,7 @@ faust-streaming is pinned (0.15.3) and aiokafka held below 0.15: each private na
 carries ruff's SLF001 exemption with its reason where it is an attribute of another object, is
 listed in docs/design.md §10.4 with the overrides, and is checked by
 ``tests/unit/test_private_apis.py``, which fails when an upgrade removes or changes one. Outside
-this module only the table's own subclasses (``worker/state.py``, ``worker/table_store.py``) use
-Faust's private parts, on ``self``.
+this module nothing in the worker uses a private part of Faust or aiokafka.
 
 * :class:`IdempotentProducer`: Faust's producer with idempotence on (§10.2).
 * :class:`KafkaPublisher`: the worker's outputs (deltas, final responses, dead letters) through
@@ -15,6 +14,10 @@ Faust's private parts, on ``self``.
   not taken (``worker.consumer``, §5.6).
 * :class:`SteadyFlowControl` and :class:`FaustApp`: the app's flow control and its hooks: the
   release before Faust's drain, garbage-collector tuning, closing the Vapi client (§10.2).
+* :class:`StateTable` and :class:`TableStore`: the ``chat-state`` table, whose writes reach the
+  changelog at once, and the memory store that holds only the partitions this worker owns
+  (§10.3). The conversation state itself, and ``ConversationStore`` over the table, are in
+  ``worker.state``.
 
 What the producer holds at a release
 ------------------------------------
@@ -35,7 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
@@ -44,10 +48,12 @@ from aiokafka.conn import CloseReason
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from faust.exceptions import NotReady
+from faust.stores.memory import Store
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
-from faust.types import TP
+from faust.types import TP, EventT
+from faust.types.stores import StoreT
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
@@ -57,6 +63,7 @@ from worker.dispatcher import PRODUCER_CLOSED, Dispatcher
 from worker.errors import InvalidRequestError, ProducerClosedError
 from worker.limits import fit_dead_letter
 from worker.messages import ChatDelta, ChatResponse, Headers, dead_letter_headers
+from worker.state import with_last_active
 
 log = structlog.get_logger(__name__)
 
@@ -358,3 +365,201 @@ class FaustApp(faust.App):
         if not delivered and not stopping:
             # A rebalance: Faust crashes the app on this, and the process exits for a restart.
             raise ProducerClosedError(PRODUCER_CLOSED)
+
+
+class StateTable(faust.Table[str, Any]):
+    """A Faust table with writes and deletes that go to the changelog at once, acknowledged.
+
+    ``table[key] = value`` only queues the changelog record in Faust's producer buffer, which one
+    task drains record by record; under load that lags the write by a second or more. A worker
+    killed in that lag loses the "request finished" records of requests whose responses are
+    already out, and answers them twice after restart. ``write_through`` sends the record itself,
+    straight to the producer, and returns once the broker has it: the window shrinks to that one
+    round trip, right after the response's.
+
+    ``delete_soon`` removes a key and queues its tombstone. A key's records reach its changelog
+    partition in the order they were queued: a write that comes while the key's tombstone is
+    being queued waits for it, so a deleted conversation that comes back is not deleted again
+    by the tombstone on the next recovery.
+
+    Values live in a :class:`TableStore`, which knows every key's partition
+    and drops the keys of partitions this worker lost.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: Keys whose tombstone is being queued, with the event set once it is.
+        self._deleting: dict[str, asyncio.Event] = {}
+
+    def _new_store(self) -> StoreT[str, Any]:  # Faust's private store factory, overridden
+        return TableStore(
+            self._store or self.app.conf.store,
+            self.app,
+            self,
+            table_name=self.name,
+            key_type=self.key_type,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            value_type=self.value_type,
+            loop=self.loop,
+            options=self.options,
+        )
+
+    @property
+    def store(self) -> TableStore:
+        """The table's storage."""
+        return cast("TableStore", self.data)
+
+    async def write_through(self, key: str, value: Any, partition: int) -> None:
+        """Set ``key`` locally and wait until its changelog record is on ``partition``."""
+        deleting = self._deleting.get(key)
+        if deleting is not None:
+            await deleting.wait()  # the key's tombstone goes first
+        # The local copy, without queueing a second changelog record.
+        self.store.put(key, value, partition)
+        sent = await self.changelog_topic.send(
+            key=key,
+            value=value,
+            partition=partition,
+            key_serializer=self.key_serializer,
+            value_serializer=self.value_serializer,
+            callback=self._on_changelog_sent,  # as Faust's own writes (persisted offsets)
+            force=True,  # never held back as an attachment until commit
+        )
+        await sent
+
+    async def delete_soon(self, key: str, partition: int) -> Awaitable[object]:
+        """Delete ``key`` locally now and queue its tombstone on ``partition``.
+
+        Returns once the tombstone is queued; the result resolves when the broker has it.
+        """
+        self.store.remove(key)
+        queued = self._deleting[key] = asyncio.Event()
+        try:
+            return cast(
+                Awaitable[object],
+                await self.changelog_topic.send(
+                    key=key,
+                    value=None,
+                    partition=partition,
+                    key_serializer=self.key_serializer,
+                    value_serializer="raw",  # None stays None: a tombstone
+                    callback=self._on_changelog_sent,
+                    force=True,
+                ),
+            )
+        finally:
+            del self._deleting[key]
+            queued.set()
+
+
+class TableStore(Store[Any, Any]):
+    """Faust's memory store, holding only what this worker owns.
+
+    Faust's memory store is a dict. It records a key's partition only when recovery reads the
+    key from the changelog, so keys written while the worker ran (every value the worker writes)
+    had none: when their partition went to another worker they stayed in memory for good, and
+    came back from the dict, stale, if the partition ever returned. This store records the
+    partition of every key, drops a partition's keys as soon as it is revoked, and (as Faust's
+    store does) drops at the end of every recovery the keys of partitions that are not this
+    worker's active ones.
+
+    It also knows, per partition it owns, the offset of the newest changelog record it holds
+    (read in a recovery or written and acknowledged since): Faust's recovery of a partition that
+    stays with this worker across a rebalance reads on from there. Faust's memory store said
+    "nothing held", so every rebalance read again everything the worker had written since it
+    started.
+
+    Recovery applies changelog records in offset order: a value replaces the key's, a tombstone
+    (value None) deletes it. A value written before conversations had a ``last_active_ms`` gets
+    the time of its changelog record (``worker.state.with_last_active``).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        #: Changelog partitions this worker owns, as of the last rebalance.
+        self._owned: set[int] = set()
+        #: Per owned partition, the offset of the newest changelog record held here.
+        self._offsets: dict[int, int] = {}
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        """The offset of the newest record of ``tp`` held here; None: none held."""
+        return self._offsets.get(tp.partition)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Note an acknowledged write (Faust calls this); ignored for a partition not owned."""
+        self._hold(tp.partition, offset)
+
+    def _hold(self, partition: int, offset: int) -> None:
+        if partition in self._owned and offset > self._offsets.get(partition, -1):
+            self._offsets[partition] = offset
+
+    def put(self, key: Any, value: Any, partition: int) -> None:
+        """Set ``key`` to ``value``, a key of changelog ``partition``."""
+        self.data[key] = value
+        self._key_partition[key] = partition
+
+    def remove(self, key: Any) -> None:
+        """Forget ``key`` (nothing happens when it is not here)."""
+        self.data.pop(key, None)
+        self._key_partition.pop(key, None)
+
+    def partition_of(self, key: Any) -> int | None:
+        """The changelog partition of ``key``; None for a key this store does not hold."""
+        return self._key_partition.get(key)
+
+    def drop_partitions(self, partitions: Iterable[int]) -> int:
+        """Forget every key of ``partitions``; returns how many went."""
+        gone = set(partitions)
+        if not gone:
+            return 0
+        for partition in gone:
+            self._offsets.pop(partition, None)
+        keys = [key for key, partition in self._key_partition.items() if partition in gone]
+        for key in keys:
+            self.remove(key)
+        return len(keys)
+
+    def apply_changelog_batch(
+        self,
+        batch: Iterable[EventT[Any]],
+        to_key: Callable[[Any], Any],
+        to_value: Callable[[Any], Any],
+    ) -> None:
+        """Apply changelog records in order: a value sets its key, a tombstone deletes it."""
+        for event in batch:
+            key = to_key(event.key)
+            message = event.message
+            self._hold(message.partition, message.offset)
+            if message.value is None:
+                self.remove(key)
+                continue
+            value = with_last_active(to_value(event.value), _record_ms(message))
+            self.put(key, value, message.partition)
+
+    async def on_rebalance(
+        self,
+        assigned: set[TP],
+        revoked: set[TP],
+        newly_assigned: set[TP],
+        generation_id: int = 0,
+    ) -> None:
+        """Drop the keys of changelog partitions this worker lost."""
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        changelog = self.table.changelog_topic.get_topic_name()
+        self._owned = {tp.partition for tp in assigned if tp.topic == changelog}
+        self.drop_partitions(tp.partition for tp in revoked if tp.topic == changelog)
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """Drop everything of partitions that are not this worker's active ones."""
+        await super().on_recovery_completed(active_tps, standby_tps)
+        active = {tp.partition for tp in active_tps}
+        self.drop_partitions(set(self._offsets) - active)
+
+
+def _record_ms(message: Any) -> int:
+    """The changelog record's time in ms; now for a record without one."""
+    timestamp = message.timestamp
+    if isinstance(timestamp, int | float) and timestamp > 0:
+        return round(timestamp * 1000)
+    return round(time.time() * 1000)

@@ -6,23 +6,18 @@ newest finished request sits, the ids of recently finished requests, and when it
 finished (wall clock), which decides when an idle conversation expires. A redelivered request
 (after a crash or rebalance) is recognised by its position and not sent to Vapi again, however
 many records lie between it and the committed offset; the ids catch a producer that sends the
-same request twice. ``ConversationStore`` is the thin wrapper over the table; everything else is
-pure.
+same request twice. ``ConversationStore`` is the thin wrapper over the table (``StateTable``, in
+``worker.kafka_adapters`` with Faust's other adapters); everything else is pure.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
-
-import faust
-from faust.types.stores import StoreT
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.table_store import TableStore
+    from worker.kafka_adapters import StateTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,95 +199,6 @@ def with_last_active(value: Any, default_ms: int) -> Any:
     if not isinstance(value, dict) or value_last_active_ms(value) is not None:
         return value
     return {**value, "last_active_ms": default_ms}
-
-
-class StateTable(faust.Table[str, Any]):
-    """A Faust table with writes and deletes that go to the changelog at once, acknowledged.
-
-    ``table[key] = value`` only queues the changelog record in Faust's producer buffer, which one
-    task drains record by record; under load that lags the write by a second or more. A worker
-    killed in that lag loses the "request finished" records of requests whose responses are
-    already out, and answers them twice after restart. ``write_through`` sends the record itself,
-    straight to the producer, and returns once the broker has it: the window shrinks to that one
-    round trip, right after the response's.
-
-    ``delete_soon`` removes a key and queues its tombstone. A key's records reach its changelog
-    partition in the order they were queued: a write that comes while the key's tombstone is
-    being queued waits for it, so a deleted conversation that comes back is not deleted again
-    by the tombstone on the next recovery.
-
-    Values live in a :class:`~worker.table_store.TableStore`, which knows every key's partition
-    and drops the keys of partitions this worker lost.
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        #: Keys whose tombstone is being queued, with the event set once it is.
-        self._deleting: dict[str, asyncio.Event] = {}
-
-    def _new_store(self) -> StoreT[str, Any]:
-        # Imported here: table_store reads the value format from this module.
-        from worker.table_store import TableStore
-
-        return TableStore(
-            self._store or self.app.conf.store,
-            self.app,
-            self,
-            table_name=self.name,
-            key_type=self.key_type,
-            key_serializer=self.key_serializer,
-            value_serializer=self.value_serializer,
-            value_type=self.value_type,
-            loop=self.loop,
-            options=self.options,
-        )
-
-    @property
-    def store(self) -> TableStore:
-        """The table's storage."""
-        return cast("TableStore", self.data)
-
-    async def write_through(self, key: str, value: Any, partition: int) -> None:
-        """Set ``key`` locally and wait until its changelog record is on ``partition``."""
-        deleting = self._deleting.get(key)
-        if deleting is not None:
-            await deleting.wait()  # the key's tombstone goes first
-        # The local copy, without queueing a second changelog record.
-        self.store.put(key, value, partition)
-        sent = await self.changelog_topic.send(
-            key=key,
-            value=value,
-            partition=partition,
-            key_serializer=self.key_serializer,
-            value_serializer=self.value_serializer,
-            callback=self._on_changelog_sent,  # as Faust's own writes (persisted offsets)
-            force=True,  # never held back as an attachment until commit
-        )
-        await sent
-
-    async def delete_soon(self, key: str, partition: int) -> Awaitable[object]:
-        """Delete ``key`` locally now and queue its tombstone on ``partition``.
-
-        Returns once the tombstone is queued; the result resolves when the broker has it.
-        """
-        self.store.remove(key)
-        queued = self._deleting[key] = asyncio.Event()
-        try:
-            return cast(
-                Awaitable[object],
-                await self.changelog_topic.send(
-                    key=key,
-                    value=None,
-                    partition=partition,
-                    key_serializer=self.key_serializer,
-                    value_serializer="raw",  # None stays None: a tombstone
-                    callback=self._on_changelog_sent,
-                    force=True,
-                ),
-            )
-        finally:
-            del self._deleting[key]
-            queued.set()
 
 
 class ConversationStore:

@@ -1,9 +1,10 @@
 """Fixtures of the end-to-end tests: each test's own topics, a simulator process, and the
 worker processes of a test.
 
-A test module that needs another simulator (other arguments, another key) or workers with other
-common settings defines its own ``simulator`` or ``workers`` fixture, which takes precedence
-over this one.
+A test module whose simulator needs other arguments names them in a module-level ``SIM_ARGS``
+tuple. One that needs another simulator still (another key, a process of its own per test) or
+workers with other common settings defines its own ``simulator`` or ``workers`` fixture, which
+takes precedence over this one.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ def topics(unique_name: str) -> Topics:
 
 
 @pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    """The Vapi simulator in its own process, with the workers' default key."""
-    sim = SimulatorProcess().start()
+def simulator(request: pytest.FixtureRequest) -> Iterator[SimulatorProcess]:
+    """The Vapi simulator in its own process, with the workers' default key and the test
+    module's ``SIM_ARGS``."""
+    sim = SimulatorProcess(*getattr(request.module, "SIM_ARGS", ())).start()
     yield sim
     sim.stop()
 

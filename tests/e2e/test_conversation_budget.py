@@ -9,7 +9,6 @@ spend is in the changelog). Other conversations go on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 SIM_ARGS = ("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.005")
 #: Above one 20-token reply of the simulator (about 0.0002 USD), below two.
 BUDGET = "0.0004"
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(*SIM_ARGS).start()
-    yield sim
-    sim.stop()
 
 
 async def test_a_conversation_over_its_budget_gets_no_more_vapi_calls(

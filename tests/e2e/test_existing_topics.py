@@ -7,7 +7,6 @@ beforehand has another count, as when a producer or the cluster's auto-creation 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 CONFIGURED = 4  # TOPIC_PARTITIONS of the harness's workers
 EXISTING = 3  # partitions of the request topic made before the worker starts
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.002")
-    sim.start()
-    yield sim
-    sim.stop()
+SIM_ARGS = ("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.002")
 
 
 async def _partitions(bootstrap: str, names: list[str]) -> dict[str, int]:

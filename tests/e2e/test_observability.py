@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,14 +21,7 @@ from tests.e2e.harness import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(
-        "--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.002"
-    ).start()
-    yield sim
-    sim.stop()
+SIM_ARGS = ("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.002")
 
 
 def _sample(metrics: str, name: str, labels: str = "") -> float:

@@ -9,7 +9,6 @@ fails the request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,6 @@ from tests.e2e.harness import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SIM_ARGS = ("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.005")
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(*SIM_ARGS).start()
-    yield sim
-    sim.stop()
 
 
 def _chat(simulator: SimulatorProcess, chat_id: str) -> dict[str, Any]:

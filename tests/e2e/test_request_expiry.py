@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -31,13 +30,6 @@ from tests.e2e.harness import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SIM_ARGS = ("--first-token-latency-s", "0.02", "--inter-token-delay-s", "0.005")
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(*SIM_ARGS).start()
-    yield sim
-    sim.stop()
 
 
 async def _produce_dated(

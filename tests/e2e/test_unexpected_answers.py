@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,13 +27,6 @@ from tests.e2e.harness import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 SIM_ARGS = ("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.005")
-
-
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess(*SIM_ARGS).start()
-    yield sim
-    sim.stop()
 
 
 async def test_a_status_outside_http_fails_one_request_and_the_partition_goes_on(

@@ -1,10 +1,10 @@
 """Every private interface of Faust and aiokafka the worker uses still exists, as it is used.
 
 faust-streaming is pinned and aiokafka held below 0.15 because the worker reaches into their
-private parts (docs/design.md §10.4, all of them in ``worker/kafka_adapters.py`` but the table's
-own overrides in ``worker/state.py`` and ``worker/table_store.py``). An upgrade that removes,
-renames or reshapes one of them fails here, by name, instead of in production. Every name marked
-``# noqa: SLF001`` in ``worker/``, and every private override, must have its check below.
+private parts (docs/design.md §10.4, all of them in ``worker/kafka_adapters.py``). An upgrade
+that removes, renames or reshapes one of them fails here, by name, instead of in production.
+Every name marked ``# noqa: SLF001`` in ``worker/``, and every private override, must have its
+check below, and none of them may appear in another module of ``worker/``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as FaustProducer
 from mode.utils.queues import FlowControlEvent
 
-from worker.kafka_adapters import FaustApp, IdempotentProducer, RewindingConsumer
-from worker.state import StateTable
-from worker.table_store import TableStore
+from worker.kafka_adapters import (
+    FaustApp,
+    IdempotentProducer,
+    RewindingConsumer,
+    StateTable,
+    TableStore,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -237,3 +241,19 @@ def test_every_private_use_in_worker_has_a_check() -> None:
         name: files for name, files in marked.items() if files - {"worker/kafka_adapters.py"}
     }
     assert not elsewhere, f"private uses outside worker/kafka_adapters.py: {elsewhere}"
+
+
+def test_no_private_override_outside_the_adapter_module() -> None:
+    """The private names used on ``self`` (Faust's overridden or inherited private parts) appear
+    in worker/kafka_adapters.py and in no other module of worker/."""
+    names = re.compile(r"\b_(" + "|".join(sorted(SELF_USES)) + r")\b")
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / "worker").rglob("*.py")):
+        relative = str(path.relative_to(ROOT))
+        for name in names.findall(path.read_text("utf-8")):
+            found.setdefault(name, set()).add(relative)
+    assert set(found) == SELF_USES, f"self uses not found at all: {sorted(SELF_USES - set(found))}"
+    elsewhere = {
+        name: files for name, files in found.items() if files - {"worker/kafka_adapters.py"}
+    }
+    assert not elsewhere, f"private overrides outside worker/kafka_adapters.py: {elsewhere}"

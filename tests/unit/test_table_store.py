@@ -13,8 +13,8 @@ import faust
 import pytest
 from faust.types import TP
 
-from worker.state import ConversationState, StateTable
-from worker.table_store import TableStore
+from worker.kafka_adapters import StateTable, TableStore
+from worker.state import ConversationState
 
 pytestmark = pytest.mark.unit
 

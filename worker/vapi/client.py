@@ -228,10 +228,10 @@ class VapiClient:
                 f"GET /chat/{{id}} took longer than {timeout_s:g}s", phase="fetch"
             ) from exc
 
-    async def _fetch_json(self, request: httpx.Request) -> object:
+    async def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``; a connection that fails or times out raises Vapi's error for it."""
         try:
             response = await self._transport.handle_async_request(request)
-            response.request = request
         except httpx.TimeoutException as exc:
             raise VapiTimeoutError(
                 f"connecting to Vapi took longer than {self._timeouts.connect_s:g}s",
@@ -239,6 +239,11 @@ class VapiClient:
             ) from exc
         except httpx.TransportError as exc:
             raise VapiConnectError(f"no response from Vapi: {_describe(exc)}") from exc
+        response.request = request
+        return response
+
+    async def _fetch_json(self, request: httpx.Request) -> object:
+        response = await self._send(request)
         try:
             status = response.status_code
             if not 200 <= status < 300:
@@ -274,16 +279,7 @@ class VapiClient:
         )
         request.headers["X-Request-Id"] = request_id
         request.headers["X-Attempt"] = str(attempt)
-        try:
-            response = await self._transport.handle_async_request(request)
-            response.request = request
-        except httpx.TimeoutException as exc:
-            raise VapiTimeoutError(
-                f"connecting to Vapi took longer than {self._timeouts.connect_s:g}s",
-                phase="connect",
-            ) from exc
-        except httpx.TransportError as exc:
-            raise VapiConnectError(f"no response from Vapi: {_describe(exc)}") from exc
+        response = await self._send(request)
         try:
             await self._check(response)
         except BaseException:
