@@ -237,6 +237,18 @@ class RequestHandler:
         log.warning("request failed", error=err.code, message=str(err))
         return self._failed(run, err)
 
+    def _unstarted_run(self, request: ChatRequest, queued_at: float) -> _Run:
+        """The run of a request that ends before any Vapi call: no chat, no context."""
+        now = self._clock()
+        return _Run(
+            request=request,
+            started=now,
+            queued_ms=max(0.0, (now - queued_at) * 1000),
+            previous_chat_id=None,
+            session_id=None,
+            context_reset=False,
+        )
+
     def internal_failure(
         self, request: ChatRequest, exc: Exception, *, queued_at: float, handled: bool
     ) -> Outcome:
@@ -245,15 +257,7 @@ class RequestHandler:
         ``handled``: ``handle`` returned before ``exc`` (publishing failed), so the request's
         duration and ``request finished`` line are already written; they are not written twice.
         """
-        now = self._clock()
-        run = _Run(
-            request=request,
-            started=now,
-            queued_ms=max(0.0, (now - queued_at) * 1000),
-            previous_chat_id=None,
-            session_id=None,
-            context_reset=False,
-        )
+        run = self._unstarted_run(request, queued_at)
         outcome = self._internal_failure(run, exc)
         if not handled:
             self._record_outcome(run, outcome.response)
@@ -272,15 +276,7 @@ class RequestHandler:
         No Vapi call is made, and the outcome carries no chat id: the conversation's state is
         not changed by it.
         """
-        now = self._clock()
-        run = _Run(
-            request=request,
-            started=now,
-            queued_ms=max(0.0, (now - queued_at) * 1000),
-            previous_chat_id=None,
-            session_id=None,
-            context_reset=False,
-        )
+        run = self._unstarted_run(request, queued_at)
         log.info("request refused before any call", error=err.code, message=str(err))
         status: Literal["failed", "expired"] = (
             "expired" if isinstance(err, RequestExpiredError) else "failed"
@@ -294,15 +290,7 @@ class RequestHandler:
     ) -> Outcome:
         """The ``cancelled`` outcome of a request cancelled before it started: no Vapi call, no
         chat id (the conversation's state keeps its chat)."""
-        now = self._clock()
-        run = _Run(
-            request=request,
-            started=now,
-            queued_ms=max(0.0, (now - queued_at) * 1000),
-            previous_chat_id=None,
-            session_id=None,
-            context_reset=False,
-        )
+        run = self._unstarted_run(request, queued_at)
         log.info("request cancelled before it started", error=cancellation.code)
         outcome = Outcome(self._cancelled_response(run, cancellation), None, None)
         self._record_outcome(run, outcome.response)
