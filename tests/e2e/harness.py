@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import RecordMetadata
 
-from tests.kafka_fixture import create_topics, delete_topics
+from tests.kafka_fixture import LOCAL_KAFKA_SCRIPT, create_topics, delete_topics, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_KEY = "sim-test-key-0123456789"
@@ -413,6 +415,42 @@ async def wait_committed_past(
         await asyncio.sleep(0.2)
 
 
+async def fill_changelog(
+    bootstrap: str, topics: Topics, partitions: int, conversations: int
+) -> None:
+    """The changelog as a worker would have left it: one value per conversation, created as
+    Faust creates it, each on its conversation's partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        compact = {"cleanup.policy": "compact"}
+        await admin.create_topics(
+            [NewTopic(topics.changelog(), partitions, 1, topic_configs=compact)]
+        )
+    finally:
+        await admin.close()
+    now_ms = round(time.time() * 1000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+    await producer.start()
+    try:
+        sent = []
+        for n in range(conversations):
+            conversation = f"conv-{n}"
+            partition = (murmur2(conversation.encode()) & 0x7FFFFFFF) % partitions
+            value = {"chat_id": f"chat_{os.urandom(8).hex()}", "last_active_ms": now_ms}
+            sent.append(
+                await producer.send(
+                    topics.changelog(),
+                    json.dumps(value).encode(),
+                    key=json.dumps(conversation).encode(),
+                    partition=partition,
+                )
+            )
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text format to ``{'name{labels}': value}``, samples spelled as exposed."""
     samples: dict[str, float] = {}
@@ -548,3 +586,61 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(poll_s)
+
+
+class LocalBroker:
+    """A broker of its own from ``scripts/local-kafka.sh`` that a test may stop and resume."""
+
+    def __init__(self) -> None:
+        port, controller = free_ports(2)
+        self.env = {
+            **os.environ,
+            "LOCAL_KAFKA_PORT": str(port),
+            "LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
+        }
+        self._up: subprocess.Popen[str] | None = None
+
+    def begin_up(self) -> None:
+        """Start ``up`` in the background (a JVM start takes a while)."""
+        self._up = subprocess.Popen(
+            ["bash", str(LOCAL_KAFKA_SCRIPT), "up"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def bootstrap(self, timeout_s: float = 300) -> str:
+        """Wait for ``up`` to finish; the bootstrap address."""
+        assert self._up is not None
+        out, err = self._up.communicate(timeout=timeout_s)
+        if self._up.returncode != 0:
+            pytest.fail(f"dedicated broker did not start:\n{err[-3000:]}")
+        return out.strip().splitlines()[-1]
+
+    def run(self, command: str, timeout_s: float = 300) -> None:
+        result = subprocess.run(
+            ["bash", str(LOCAL_KAFKA_SCRIPT), command],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        assert result.returncode == 0, f"local-kafka.sh {command}:\n{result.stderr[-3000:]}"
+
+    def pid(self) -> int:
+        """The broker JVM's process id (from the pid file ``local-kafka.sh up`` wrote)."""
+        port = self.env["LOCAL_KAFKA_PORT"]
+        return int((ROOT / ".run" / f"kafka-{port}" / "kafka.pid").read_text().strip())
+
+    def freeze(self) -> None:
+        """Stop the broker process (SIGSTOP): connections stay open, nothing is answered."""
+        os.kill(self.pid(), signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen broker run again (SIGCONT; harmless when it is not frozen)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid(), signal.SIGCONT)

@@ -8,18 +8,19 @@ ready (and again on every restart). ``/readyz`` says what the pod is still waiti
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.partitioner import murmur2
 
-from tests.e2e.harness import SimulatorProcess, Topics, WorkerProcess, parse_metrics
+from tests.e2e.harness import (
+    SimulatorProcess,
+    Topics,
+    WorkerProcess,
+    fill_changelog,
+    parse_metrics,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -28,46 +29,12 @@ PARTITIONS = 4
 CONVERSATIONS = 20_000
 
 
-async def _fill_changelog(bootstrap: str, topics: Topics) -> None:
-    """The changelog as a worker would have left it: one value per conversation, created as
-    Faust creates it, each on its conversation's partition."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        compact = {"cleanup.policy": "compact"}
-        await admin.create_topics(
-            [NewTopic(topics.changelog(), PARTITIONS, 1, topic_configs=compact)]
-        )
-    finally:
-        await admin.close()
-    now_ms = round(time.time() * 1000)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
-    await producer.start()
-    try:
-        sent = []
-        for n in range(CONVERSATIONS):
-            conversation = f"conv-{n}"
-            partition = (murmur2(conversation.encode()) & 0x7FFFFFFF) % PARTITIONS
-            value = {"chat_id": f"chat_{os.urandom(8).hex()}", "last_active_ms": now_ms}
-            sent.append(
-                await producer.send(
-                    topics.changelog(),
-                    json.dumps(value).encode(),
-                    key=json.dumps(conversation).encode(),
-                    partition=partition,
-                )
-            )
-        await asyncio.gather(*sent)
-    finally:
-        await producer.stop()
-
-
 async def test_healthz_answers_while_the_table_recovers_and_readyz_says_so(
     kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
 ) -> None:
     """With 20,000 conversations on the changelog, /healthz answers 200 while /readyz is 503
     with ``recovered`` false; then /readyz turns 200 and every conversation is in the table."""
-    await _fill_changelog(kafka_bootstrap, topics)
+    await fill_changelog(kafka_bootstrap, topics, PARTITIONS, CONVERSATIONS)
     worker = WorkerProcess(
         kafka_bootstrap, topics, simulator, tmp_path, TOPIC_PARTITIONS=str(PARTITIONS)
     ).start()

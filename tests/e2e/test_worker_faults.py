@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.e2e.harness import (
     ROOT,
+    LocalBroker,
     OutputReader,
     SimulatorProcess,
     Topics,
@@ -53,7 +54,6 @@ from tests.e2e.harness import (
     wait_committed_past,
     wait_until,
 )
-from tests.kafka_fixture import LOCAL_KAFKA_SCRIPT, free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -624,50 +624,6 @@ async def test_a_worker_joining_and_one_leaving_mid_run_keep_every_invariant(
 # --- 3. broker restart ------------------------------------------------------------------------
 
 BROKER_RESTART_TEST = "test_the_worker_reconnects_after_a_broker_restart_mid_run"
-
-
-class LocalBroker:
-    """A broker of its own from ``scripts/local-kafka.sh`` that a test may stop and resume."""
-
-    def __init__(self) -> None:
-        port, controller = free_ports(2)
-        self.env = {
-            **os.environ,
-            "LOCAL_KAFKA_PORT": str(port),
-            "LOCAL_KAFKA_CONTROLLER_PORT": str(controller),
-        }
-        self._up: subprocess.Popen[str] | None = None
-
-    def begin_up(self) -> None:
-        """Start ``up`` in the background (a JVM start takes a while)."""
-        self._up = subprocess.Popen(
-            ["bash", str(LOCAL_KAFKA_SCRIPT), "up"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def bootstrap(self, timeout_s: float = 300) -> str:
-        """Wait for ``up`` to finish; the bootstrap address."""
-        assert self._up is not None
-        out, err = self._up.communicate(timeout=timeout_s)
-        if self._up.returncode != 0:
-            pytest.fail(f"dedicated broker did not start:\n{err[-3000:]}")
-        return out.strip().splitlines()[-1]
-
-    def run(self, command: str, timeout_s: float = 300) -> None:
-        result = subprocess.run(
-            ["bash", str(LOCAL_KAFKA_SCRIPT), command],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-        )
-        assert result.returncode == 0, f"local-kafka.sh {command}:\n{result.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module", autouse=True)

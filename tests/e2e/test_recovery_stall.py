@@ -1,0 +1,161 @@
+"""A table recovery that stops progressing ends the worker process; a slow one that progresses
+does not (WORKER_RECOVERY_STALL_S).
+
+While Faust recovers the table it keeps the request partitions paused and ``/healthz`` answers
+200, so a recovery that no longer reads anything would hold those requests forever with nothing
+to restart the process. The stall is made real: the worker's own broker is frozen (SIGSTOP of
+its JVM) while the recovery reads a 20,000-conversation changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import (
+    LocalBroker,
+    SimulatorProcess,
+    Topics,
+    WorkerProcess,
+    fill_changelog,
+    parse_metrics,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+PARTITIONS = 4
+#: Enough values that the replay takes a few seconds.
+CONVERSATIONS = 20_000
+#: What Faust logs when it starts reading the changelog (after highwaters and offsets are known).
+READING = "Restoring state from changelog topics"
+STALL_EVENT = "table recovery stalled"
+#: From the freeze to the process's exit: the stall time, a few looks, and the crash's shutdown
+#: against a broker that answers nothing.
+EXIT_BOUND_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[LocalBroker]:
+    """A broker of this module's own, which a test may freeze."""
+    own = LocalBroker()
+    own.begin_up()
+    try:
+        yield own
+    finally:
+        own.thaw()
+        with contextlib.suppress(Exception):
+            if own._up is not None and own._up.poll() is None:
+                own._up.communicate(timeout=300)
+        own.run("down")
+
+
+@pytest.fixture(scope="module")
+def bootstrap(broker: LocalBroker) -> str:
+    return broker.bootstrap()
+
+
+def _start(
+    bootstrap: str,
+    topics: Topics,
+    simulator: SimulatorProcess,
+    tmp_path: Path,
+    name: str,
+    stall_s: str,
+) -> WorkerProcess:
+    return WorkerProcess(
+        bootstrap,
+        topics,
+        simulator,
+        tmp_path,
+        name=name,
+        TOPIC_PARTITIONS=str(PARTITIONS),
+        WORKER_RECOVERY_STALL_S=stall_s,
+    ).start()
+
+
+async def _wait_for_log(worker: WorkerProcess, text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert worker.proc is not None
+        assert worker.proc.poll() is None, worker.log_tail()
+        if text in worker.log_path.read_text(errors="replace"):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"no {text!r} in the worker's log within {timeout_s} s:\n{worker.log_tail()}")
+
+
+async def test_a_recovery_that_stops_reading_ends_the_process_with_an_error(
+    broker: LocalBroker,
+    bootstrap: str,
+    simulator: SimulatorProcess,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """The broker freezes while the recovery reads: the worker logs one stall error naming the
+    changelog partitions with records left, and exits on its own with a non-zero code."""
+    topics = Topics.unique(unique_name)
+    await fill_changelog(bootstrap, topics, PARTITIONS, CONVERSATIONS)
+    worker = _start(bootstrap, topics, simulator, tmp_path, "stalled", "3")
+    frozen_at = 0.0
+    try:
+        await _wait_for_log(worker, READING, 180)
+        broker.freeze()
+        frozen_at = time.monotonic()
+        assert worker.proc is not None
+        try:
+            code = await asyncio.to_thread(worker.proc.wait, EXIT_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"still running {EXIT_BOUND_S} s after the broker froze:\n{worker.log_tail()}"
+            )
+        exited_after = time.monotonic() - frozen_at
+    finally:
+        broker.thaw()
+        worker.kill()
+    print(f"froze the broker; the worker exited {exited_after:.1f} s later with {code}")
+
+    assert code != 0, worker.log_tail()
+    stalls = [r for r in worker.log_records() if STALL_EVENT in str(r.get("event", ""))]
+    assert len(stalls) == 1, worker.log_tail()
+    stall = stalls[0]
+    assert stall["level"] == "error", stall
+    assert "consumer group reassigns the partitions" in stall["event"], stall
+    partitions = stall["partitions"]
+    assert partitions, stall
+    assert all(name.startswith(topics.changelog()) for name in partitions), stall
+    assert stall["records_left"] > 0, stall
+    assert stall["seconds_without_progress"] >= 3, stall
+
+
+async def test_a_slow_recovery_that_progresses_does_not_trip(
+    bootstrap: str,
+    simulator: SimulatorProcess,
+    unique_name: str,
+    tmp_path: Path,
+) -> None:
+    """The same table recovered on a broker that answers, with a stall time shorter than the
+    recovery: the worker becomes ready with every conversation, and counts no stall."""
+    topics = Topics.unique(unique_name)
+    await fill_changelog(bootstrap, topics, PARTITIONS, CONVERSATIONS)
+    worker = _start(bootstrap, topics, simulator, tmp_path, "steady", "1")
+    try:
+        await _wait_for_log(worker, READING, 180)
+        reading_at = time.monotonic()
+        await asyncio.to_thread(worker.wait_ready, 180)
+        recovered_after = time.monotonic() - reading_at
+        metrics = parse_metrics(worker.metrics())
+    finally:
+        worker.terminate()
+    print(f"the recovery read for {recovered_after:.1f} s")
+
+    # Longer than WORKER_RECOVERY_STALL_S, or this would show nothing.
+    assert recovered_after > 1.0
+    assert metrics["chat_worker_conversations"] == CONVERSATIONS
+    assert metrics["chat_worker_recovery_stalls_total"] == 0
+    assert not [r for r in worker.log_records() if STALL_EVENT in str(r.get("event", ""))]
