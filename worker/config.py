@@ -76,6 +76,8 @@ class Settings(BaseSettings):
 
     # Conversation state
     worker_conversation_ttl_s: float = Field(default=604_800.0, gt=0)
+    #: Seconds a table recovery may go without progress before the process exits (0: never).
+    worker_recovery_stall_s: float = Field(default=60.0, ge=0, allow_inf_nan=False)
 
     # What is paid for
     worker_request_max_age_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)

@@ -8,6 +8,8 @@
     ├── BudgetExceededError        the conversation spent its WORKER_CONVERSATION_BUDGET_USD
     ├── InternalError              anything unplanned in one request's path, a bug included
     ├── ProducerClosedError        Kafka did not take the outputs of a release in time (stop)
+    ├── RecoveryStalledError       the table recovery made no progress for
+    │                              WORKER_RECOVERY_STALL_S (the process exits)
     └── VapiError                  anything that went wrong talking to Vapi
         ├── VapiConnectError       no connection, or reset before a response       retryable
         ├── VapiTimeoutError       connect, first delta, stall, whole request      retryable
@@ -86,6 +88,16 @@ class ProducerClosedError(WorkerError):
     """
 
     code = "producer_closed"
+
+
+class RecoveryStalledError(WorkerError):
+    """The table recovery read nothing for WORKER_RECOVERY_STALL_S with records still to read.
+
+    The app is crashed with it: the process exits non-zero, the consumer group hands its
+    partitions to another worker, and the orchestrator restarts the process.
+    """
+
+    code = "recovery_stalled"
 
 
 class VapiError(WorkerError):

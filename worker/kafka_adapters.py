@@ -14,6 +14,8 @@ this module nothing in the worker uses a private part of Faust or aiokafka.
   not taken (``worker.consumer``, §5.6).
 * :class:`SteadyFlowControl` and :class:`FaustApp`: the app's flow control and its hooks: the
   release before Faust's drain, garbage-collector tuning, closing the Vapi client (§10.2).
+* :func:`recovery_progress`: what the table recovery still has to read, for
+  ``worker.recovery_watch``.
 * :class:`StateTable` and :class:`TableStore`: the ``chat-state`` table, whose writes reach the
   changelog at once, and the memory store that holds only the partitions this worker owns
   (§10.3). The conversation state itself, and ``ConversationStore`` over the table, are in
@@ -40,6 +42,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
@@ -365,6 +368,36 @@ class FaustApp(faust.App):
         if not delivered and not stopping:
             # A rebalance: Faust crashes the app on this, and the process exits for a restart.
             raise ProducerClosedError(PRODUCER_CLOSED)
+
+
+@dataclass(frozen=True)
+class RecoveryProgress:
+    """One look at Faust's table recovery (``app.tables.recovery``)."""
+
+    #: True from the start of a recovery until Faust ends it (its request partitions paused).
+    in_recovery: bool
+    #: Each active changelog partition (``topic[partition]``) and the offsets still to read.
+    remaining: Mapping[str, int]
+    #: When the recovery under way started (monotonic), or None: a new value is a new recovery.
+    started_at: float | None
+
+
+def recovery_progress(app: faust.App) -> RecoveryProgress:
+    """Read the recovery's state from the app; safe before Faust starts.
+
+    ``active_remaining()`` is, per active changelog partition, the last offset at the start of
+    the recovery (Faust's highwater - 1, read once per recovery) minus the last offset read
+    (its earliest - 1 to begin with), so it falls by one with every record read, and a
+    partition whose offsets are not known yet is not in it.
+    """
+    recovery = cast(Any, app.tables).recovery
+    return RecoveryProgress(
+        in_recovery=bool(recovery.in_recovery),
+        remaining={
+            f"{tp.topic}[{tp.partition}]": int(n) for tp, n in recovery.active_remaining().items()
+        },
+        started_at=recovery._recovery_started_at,  # noqa: SLF001  no public start time of a recovery
+    )
 
 
 class StateTable(faust.Table[str, Any]):

@@ -23,6 +23,8 @@ as 0 from the first scrape, and ``rate()`` sees the first increment.
     chat_worker_retries_total{reason}            see RETRY_REASONS
     chat_worker_dlq_total{reason}                see DLQ_REASONS ("other" for anything else)
     chat_worker_malformed_events_total           SSE events that could not be decoded
+    chat_worker_recovery_stalls_total            table recoveries that stopped progressing for
+                                                 WORKER_RECOVERY_STALL_S (the process then exits)
     chat_worker_consumer_lag{partition}          high watermark - lowest unfinished offset, per
                                                  partition (the position when none is pending)
     chat_worker_vapi_ready                       0 after Vapi rejected the key (401/403), else 1
@@ -269,6 +271,11 @@ class WorkerMetrics:
         self.conversations_expired_total = Counter(
             f"{PREFIX}_conversations_expired_total",
             "Idle conversations deleted from the chat-state table (tombstone written).",
+            registry=registry,
+        )
+        self.recovery_stalls_total = Counter(
+            f"{PREFIX}_recovery_stalls_total",
+            "Table recoveries without progress for WORKER_RECOVERY_STALL_S; the process exits.",
             registry=registry,
         )
         self.vapi_ready = Gauge(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
@@ -13,14 +14,19 @@ from prometheus_client import CollectorRegistry
 
 from worker.app import Assembly, assemble
 from worker.config import Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, RecoveryStalledError
+from worker.kafka_adapters import RecoveryProgress, recovery_progress
 from worker.logs import register_secret
 from worker.metrics import WorkerMetrics
 from worker.ops_http import OpsServer
+from worker.recovery_watch import RecoveryWatch
 from worker.simulator.server import SimulatorConfig, serve_simulator
 from worker.topics import BrokerProbe, ensure_topics
 
 log = structlog.get_logger(__name__)
+
+#: Tasks started on the loop outside Faust's services, held until they end.
+BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 def start_embedded_simulator(settings: Settings) -> str:
@@ -91,6 +97,50 @@ def readiness_info(assembly: Assembly) -> Mapping[str, object]:
     return {"vapi_backoff_s": round(assembly.vapi_backoff_s(), 3)}
 
 
+def recovery_look_interval_s(stall_s: float) -> float:
+    """How often the recovery watch looks: four looks per stall time, at least every 5 s."""
+    return min(5.0, stall_s / 4)
+
+
+async def watch_recovery(
+    watch: RecoveryWatch,
+    look: Callable[[], RecoveryProgress],
+    metrics: WorkerMetrics,
+    crash: Callable[[BaseException], Awaitable[None]],
+) -> None:
+    """Look at the table recovery every few seconds; on a stall, log it once, count it and
+    crash the app, so that the process exits and the group reassigns its partitions.
+
+    A recovery keeps the request partitions paused while /healthz answers 200, so nothing else
+    would end a recovery that reads nothing (docs/design.md §10.3).
+    """
+    interval = recovery_look_interval_s(watch.stall_s)
+    while True:
+        await asyncio.sleep(interval)
+        progress = look()
+        stall = watch.observe(
+            time.monotonic(), progress.in_recovery, progress.remaining, progress.started_at
+        )
+        if stall is None:
+            continue
+        log.error(
+            "table recovery stalled: exiting so that the consumer group reassigns the partitions",
+            partitions=sorted(stall.remaining),
+            records_left=stall.total,
+            remaining=dict(stall.remaining),
+            seconds_without_progress=round(stall.seconds, 1),
+            worker_recovery_stall_s=watch.stall_s,
+        )
+        metrics.recovery_stalls_total.inc()
+        await crash(
+            RecoveryStalledError(
+                f"table recovery made no progress for {stall.seconds:.0f} s with "
+                f"{stall.total} records left on {', '.join(sorted(stall.remaining))}"
+            )
+        )
+        return
+
+
 def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code (Faust exits the process)."""
     base_url, api_key = vapi_endpoint(settings)
@@ -125,6 +175,18 @@ def run_worker(settings: Settings) -> int:
     # only once its tables are recovered, and the startup and liveness probes must be answered
     # while they are (README, "Performance, measured"), with /readyz saying what is still to do.
     loop.run_until_complete(serve_ops())
+
+    # Started before Faust for the same reason: the first recovery runs before any app timer.
+    watch = RecoveryWatch(settings.worker_recovery_stall_s)
+    if watch.enabled:
+        task = loop.create_task(
+            watch_recovery(
+                watch, lambda: recovery_progress(assembly.app), metrics, assembly.app.crash
+            ),
+            name="recovery-watch",
+        )
+        BACKGROUND.add(task)  # held, so that the task is never collected
+        task.add_done_callback(BACKGROUND.discard)
 
     @assembly.app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def probe_broker() -> None:

@@ -23,6 +23,7 @@ from aiokafka.producer.message_accumulator import MessageAccumulator, MessageBat
 from aiokafka.structs import TopicPartition
 from faust.stores.memory import Store as MemoryStore
 from faust.tables.base import Collection
+from faust.tables.recovery import Recovery
 from faust.topics import Topic
 from faust.transport.consumer import Consumer as FaustConsumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
@@ -168,6 +169,17 @@ async def check_key_partition(producer: AIOKafkaProducer) -> None:
     assert "self._key_partition" in _source(MemoryStore)
 
 
+async def check_recovery_started_at(producer: AIOKafkaProducer) -> None:
+    # recovery_progress: a recovery's start time, set (monotonic) at every start, so that a new
+    # one is told apart from one that stalled; in_recovery and active_remaining() beside it.
+    assert Recovery._recovery_started_at is None
+    assert "self._recovery_started_at = monotonic()" in _source(Recovery._set_recovery_started)
+    assert "self.in_recovery = True" in _source(Recovery._set_recovery_started)
+    assert "self.in_recovery = False" in _source(Recovery._set_recovery_ended)
+    assert _params(Recovery.active_remaining) == ["self"]
+    assert "highwater - offsets[tp]" in _source(Recovery.active_remaining)
+
+
 async def check_flow_control(producer: AIOKafkaProducer) -> None:
     assert callable(FlowControlEvent.resume)
     assert callable(FlowControlEvent.is_active)
@@ -196,6 +208,7 @@ CHECKS: dict[str, Callable[[AIOKafkaProducer], Any]] = {
     "on_changelog_sent": check_on_changelog_sent,
     "new_store": check_new_store,
     "key_partition": check_key_partition,
+    "recovery_started_at": check_recovery_started_at,
 }
 
 #: Private names used on ``self`` (overrides and inherited parts), which no noqa marks.
