@@ -83,6 +83,20 @@ def test_a_bad_number_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None
         Settings()
 
 
+def test_the_recovery_stall_time_is_60_s_0_turns_it_off_and_below_0_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().worker_recovery_stall_s == 60.0
+    monkeypatch.setenv("WORKER_RECOVERY_STALL_S", "0")
+    assert Settings().worker_recovery_stall_s == 0.0
+    monkeypatch.setenv("WORKER_RECOVERY_STALL_S", "2.5")
+    assert Settings().worker_recovery_stall_s == 2.5
+    for bad in ("-1", "nan", "inf", "soon"):
+        monkeypatch.setenv("WORKER_RECOVERY_STALL_S", bad)
+        with pytest.raises(ValidationError, match="worker_recovery_stall_s"):
+            Settings()
+
+
 def test_validating_settings_twice_keeps_the_key_from_the_file(tmp_path: Path) -> None:
     """model_validate runs a BaseSettings' after-validators twice on one instance; the key read
     from the file on the first run is not then taken for a second, conflicting source."""

@@ -41,6 +41,7 @@ CONTRACT = {
     "chat_worker_vapi_backoff_seconds": "gauge",
     "chat_worker_conversations": "gauge",
     "chat_worker_conversations_expired": "counter",
+    "chat_worker_recovery_stalls": "counter",
     "chat_worker_concurrency_limit": "gauge",
     "chat_worker_fleet_stream_share": "gauge",
     "chat_worker_fleet_requests_per_minute_share": "gauge",
