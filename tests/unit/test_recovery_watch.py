@@ -1,10 +1,17 @@
-"""The recovery-stall rule: progress, not duration, is timed."""
+"""The recovery-stall rule (progress, not duration, is timed), and the loop that acts on it."""
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from prometheus_client import CollectorRegistry
+
+from worker.errors import RecoveryStalledError
+from worker.kafka_adapters import RecoveryProgress
+from worker.metrics import WorkerMetrics
 from worker.recovery_watch import RecoveryWatch, Stall
+from worker.runner import watch_recovery
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +113,42 @@ def test_zero_turns_it_off() -> None:
 def test_a_negative_stall_s_is_refused() -> None:
     with pytest.raises(ValueError, match="stall_s"):
         RecoveryWatch(-1)
+
+
+async def test_the_loop_logs_counts_and_crashes_once_on_a_stall(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``watch_recovery`` with a recovery that never reads: one error, one count, one crash."""
+    metrics = WorkerMetrics(CollectorRegistry())
+    crashes: list[BaseException] = []
+
+    async def crash(exc: BaseException) -> None:
+        crashes.append(exc)
+
+    stuck = RecoveryProgress(in_recovery=True, remaining={TP0: 0, TP3: 7}, started_at=1.0)
+    await asyncio.wait_for(
+        watch_recovery(RecoveryWatch(0.05), lambda: stuck, metrics, crash), timeout=10
+    )
+    assert len(crashes) == 1
+    assert isinstance(crashes[0], RecoveryStalledError)
+    assert TP3 in str(crashes[0])
+    assert TP0 not in str(crashes[0])
+    assert metrics.recovery_stalls_total._value.get() == 1
+    assert capsys.readouterr().out.count("table recovery stalled") == 1
+
+
+async def test_the_loop_leaves_a_progressing_recovery_alone() -> None:
+    metrics = WorkerMetrics(CollectorRegistry())
+    left = iter(range(1_000_000, 0, -1))
+
+    def reading() -> RecoveryProgress:
+        return RecoveryProgress(in_recovery=True, remaining={TP3: next(left)}, started_at=1.0)
+
+    async def crash(exc: BaseException) -> None:
+        raise AssertionError(f"crashed: {exc}")
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(
+            watch_recovery(RecoveryWatch(0.05), reading, metrics, crash), timeout=0.5
+        )
+    assert metrics.recovery_stalls_total._value.get() == 0
