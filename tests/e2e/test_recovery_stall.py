@@ -20,11 +20,14 @@ import pytest
 
 from tests.e2e.harness import (
     LocalBroker,
+    OutputReader,
     SimulatorProcess,
     Topics,
     WorkerProcess,
     fill_changelog,
     parse_metrics,
+    produce,
+    request_record,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -32,6 +35,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 PARTITIONS = 4
 #: Enough values that the replay takes a few seconds.
 CONVERSATIONS = 20_000
+#: Requests of new conversations produced before the recovery: they wait for it.
+REQUESTS = 8
 #: What Faust logs when it starts reading the changelog (after highwaters and offsets are known).
 READING = "Restoring state from changelog topics"
 STALL_EVENT = "table recovery stalled"
@@ -102,7 +107,9 @@ async def test_a_recovery_that_stops_reading_ends_the_process_with_an_error(
     tmp_path: Path,
 ) -> None:
     """The broker freezes while the recovery reads: the worker logs one stall error naming the
-    changelog partitions with records left, and exits on its own with a non-zero code.
+    changelog partitions with records left, and exits on its own with a non-zero code, having
+    answered none of the requests waiting for the recovery; restarted, a worker recovers the
+    table and answers them.
 
     The broker is thawed once the stall is logged, as a broker that answers all else is what the
     stalls seen had; with the broker frozen for good the exit waits for Faust's consumer stop
@@ -111,22 +118,42 @@ async def test_a_recovery_that_stops_reading_ends_the_process_with_an_error(
     await fill_changelog(bootstrap, topics, PARTITIONS, CONVERSATIONS)
     worker = _start(bootstrap, topics, simulator, tmp_path, "stalled", "3")
     assert worker.proc is not None
-    try:
-        await _wait_for_log(worker, READING, 180)
-        broker.freeze()
-        frozen_at = time.monotonic()
-        await _wait_for_log(worker, STALL_EVENT, STALL_BOUND_S, running=False)
-        stalled_after = time.monotonic() - frozen_at
-        # The broker answers again, as it did in the stalls seen: only the recovery read nothing.
-        broker.thaw()
+    request_ids = [f"after-stall-{n}" for n in range(REQUESTS)]
+    async with OutputReader(bootstrap, topics) as reader:
         try:
-            code = await asyncio.to_thread(worker.proc.wait, EXIT_BOUND_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {EXIT_BOUND_S} s after the stall:\n{worker.log_tail()}")
-        exited_after = time.monotonic() - frozen_at
-    finally:
-        broker.thaw()
-        worker.kill()
+            # The topics exist once the ops endpoints are up; the requests wait for the recovery.
+            await _wait_for_log(worker, "ops endpoints up", 120)
+            await produce(
+                bootstrap,
+                topics.requests,
+                [request_record(f"new-{n}", rid, "Hello.") for n, rid in enumerate(request_ids)],
+            )
+            await _wait_for_log(worker, READING, 180)
+            broker.freeze()
+            frozen_at = time.monotonic()
+            await _wait_for_log(worker, STALL_EVENT, STALL_BOUND_S, running=False)
+            stalled_after = time.monotonic() - frozen_at
+            # The broker answers again, as it did in the stalls seen: only the recovery read
+            # nothing.
+            broker.thaw()
+            try:
+                code = await asyncio.to_thread(worker.proc.wait, EXIT_BOUND_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {EXIT_BOUND_S} s after the stall:\n{worker.log_tail()}")
+            exited_after = time.monotonic() - frozen_at
+        finally:
+            broker.thaw()
+            worker.kill()
+        answered_by_the_stalled_worker = len(reader.outputs.responses)
+        # What the orchestrator does next: a worker (the restarted one) takes the partitions,
+        # recovers them and answers the requests that waited.
+        restarted = _start(bootstrap, topics, simulator, tmp_path, "restarted", "3")
+        try:
+            await asyncio.to_thread(restarted.wait_ready, 180)
+            await reader.wait_for_responses(request_ids, 120)
+            conversations = parse_metrics(restarted.metrics())["chat_worker_conversations"]
+        finally:
+            restarted.terminate()
     print(
         f"froze the broker; the stall was logged {stalled_after:.1f} s later and the worker "
         f"exited {exited_after:.1f} s after the freeze, with {code}"
@@ -143,6 +170,9 @@ async def test_a_recovery_that_stops_reading_ends_the_process_with_an_error(
     assert all(name.startswith(topics.changelog()) for name in partitions), stall
     assert stall["records_left"] > 0, stall
     assert stall["seconds_without_progress"] >= 3, stall
+    assert answered_by_the_stalled_worker == 0
+    assert conversations == CONVERSATIONS + REQUESTS
+    assert not [r for r in restarted.log_records() if STALL_EVENT in str(r.get("event", ""))]
 
 
 async def test_a_slow_recovery_that_progresses_does_not_trip(
