@@ -112,12 +112,17 @@ async def watch_recovery(
     crash the app, so that the process exits and the group reassigns its partitions.
 
     A recovery keeps the request partitions paused while /healthz answers 200, so nothing else
-    would end a recovery that reads nothing (docs/design.md §10.3).
+    would end a recovery that reads nothing (docs/design.md §9). A look that fails is logged and
+    the watch goes on.
     """
     interval = recovery_look_interval_s(watch.stall_s)
     while True:
         await asyncio.sleep(interval)
-        progress = look()
+        try:
+            progress = look()
+        except Exception:
+            log.exception("reading the table recovery's progress failed")
+            continue
         stall = watch.observe(
             time.monotonic(), progress.in_recovery, progress.remaining, progress.started_at
         )

@@ -152,3 +152,23 @@ async def test_the_loop_leaves_a_progressing_recovery_alone() -> None:
             watch_recovery(RecoveryWatch(0.05), reading, metrics, crash), timeout=0.5
         )
     assert metrics.recovery_stalls_total._value.get() == 0
+
+
+async def test_a_look_that_fails_does_not_end_the_watch() -> None:
+    metrics = WorkerMetrics(CollectorRegistry())
+    crashes: list[BaseException] = []
+    looks = 0
+
+    def flaky() -> RecoveryProgress:
+        nonlocal looks
+        looks += 1
+        if looks <= 3:
+            raise RuntimeError("not there yet")
+        return RecoveryProgress(in_recovery=True, remaining={TP3: 7}, started_at=1.0)
+
+    async def crash(exc: BaseException) -> None:
+        crashes.append(exc)
+
+    await asyncio.wait_for(watch_recovery(RecoveryWatch(0.05), flaky, metrics, crash), timeout=10)
+    assert looks > 3
+    assert len(crashes) == 1
