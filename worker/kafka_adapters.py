@@ -290,10 +290,45 @@ class RewindingConsumerThread(AIOKafkaConsumerThread):
 
 
 class RewindingConsumer(AIOKafkaConsumer):
-    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`."""
+    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`, which resumes a
+    request partition only once it has been sought to its committed offset.
+
+    At the end of a table recovery Faust resumes the stream partitions and only then seeks them
+    to their committed offsets, with its fetcher running. Records fetched in between are handed
+    over from wherever the fetch position was, and any of them may be dropped on the way (a
+    batch cut short, a callback cancelled); after the seek the same offsets come again. A
+    record handed over in that first pass, above one that was dropped, ran out of order and made
+    the dropped one look like a copy of a record already taken: a request lost. Here a stream
+    partition Faust resumes stays paused until the seek that follows, so every record a stream
+    sees comes from the committed offset on, in order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Stream partitions Faust resumed, held paused until the next ``perform_seek``.
+        self._held_for_seek: set[TP] = set()
 
     def _new_consumer_thread(self) -> RewindingConsumerThread:
         return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        held = {tp for tp in tps if not self._is_changelog_tp(tp)}
+        self._held_for_seek |= held
+        super().resume_partitions(tps - held)
+
+    async def perform_seek(self) -> None:
+        try:
+            await super().perform_seek()
+        finally:
+            # Also when the seek failed: a partition left paused would never be read again.
+            held, self._held_for_seek = self._held_for_seek & self.assignment(), set()
+            if held:
+                super().resume_partitions(held)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._held_for_seek -= revoked
+        await super().on_partitions_revoked(revoked)
 
 
 class SteadyFlowControl(FlowControlEvent):
