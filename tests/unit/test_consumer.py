@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+from collections.abc import Iterator, Set
+from dataclasses import dataclass
+from typing import Any
 
 import faust
 import pytest
@@ -124,3 +129,114 @@ def test_faust_still_resumes_the_stream_partitions_before_it_seeks_them() -> Non
     seek = source.index("consumer.perform_seek()")
     assert resume < seek
     assert "self.app.flow_control.resume()" in source[seek:]
+
+
+# --- a fetch takes from aiokafka only what Faust will hand over -----------------------------------
+
+
+@dataclass
+class Record:
+    offset: int
+
+
+class BufferedFetcher:
+    """aiokafka's fetcher as far as a fetch sees it: records buffered per partition, returned
+    after a wait for every partition asked for, where an empty set means every partition (the
+    rule of ``aiokafka.consumer.fetcher.Fetcher.fetched_records``)."""
+
+    def __init__(self, buffered: dict[TP, list[Record]]) -> None:
+        self.buffered = buffered
+        self.waiting = asyncio.Event()
+        self.answer = asyncio.Event()
+        self._closed = False
+        self._subscriptions = self
+
+    @contextlib.contextmanager
+    def fetch_context(self) -> Iterator[None]:
+        yield
+
+    async def fetched_records(
+        self,
+        partitions: Set[TP],
+        timeout: float = 0,  # noqa: ASYNC109  # aiokafka's signature
+        max_records: int | None = None,
+    ) -> dict[TP, list[Record]]:
+        self.waiting.set()
+        await self.answer.wait()
+        return {
+            tp: records
+            for tp, records in self.buffered.items()
+            if not partitions or tp in partitions
+        }
+
+
+class FetchingConsumer:
+    """The aiokafka consumer a fetch runs on: its fetcher, and the seeks it is given."""
+
+    def __init__(self, fetcher: BufferedFetcher) -> None:
+        self._fetcher = fetcher
+        self._closed = False
+        self._max_poll_records = 500
+        self.seeks: list[tuple[TP, int]] = []
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def fetching(consumer: RewindingConsumer, aiokafka_consumer: FetchingConsumer) -> Any:
+    """The consumer's thread, running its calls on the test's loop."""
+    thread = consumer._thread
+
+    async def call_thread(method: Any, *args: Any, **kwargs: Any) -> Any:
+        return await method(*args, **kwargs)
+
+    thread.call_thread = call_thread
+    thread._ensure_consumer = lambda: aiokafka_consumer
+    return thread
+
+
+async def test_a_fetch_under_way_when_faust_pauses_everything_takes_nothing_it_drops() -> None:
+    """Faust fetches with its live set of active partitions; pausing them all while the fetch
+    waits left aiokafka an empty set, which it reads as every partition: the request
+    partition's records were drained, its position moved past them, and Faust dropped them."""
+    consumer = consumer_of_an_app()
+    fetcher = BufferedFetcher({REQUESTS: [Record(23), Record(24)], CHANGELOG: [Record(0)]})
+    thread = fetching(consumer, FetchingConsumer(fetcher))
+    active = {CHANGELOG}
+    fetch = asyncio.create_task(thread.getmany(active, 1.0))
+    await fetcher.waiting.wait()
+    active.clear()  # Faust pauses the changelog at the end of its read
+    fetcher.answer.set()
+    records = await fetch
+    assert REQUESTS not in records, "records of a paused partition were taken from aiokafka"
+    assert records == {CHANGELOG: [Record(0)]}
+
+
+async def test_a_fetch_with_nothing_active_asks_aiokafka_for_nothing() -> None:
+    consumer = consumer_of_an_app()
+    fetcher = BufferedFetcher({REQUESTS: [Record(3)]})
+    fetcher.answer.set()
+    thread = fetching(consumer, FetchingConsumer(fetcher))
+    assert await thread.getmany(set(), 1.0) == {}
+    assert not fetcher.waiting.is_set()
+
+
+@pytest.mark.parametrize("change", ["flow stopped", "new generation"])
+async def test_records_fetched_into_a_stopped_flow_or_a_new_generation_are_given_back(
+    change: str,
+) -> None:
+    """Faust would drop them and only re-seek the request partitions; a changelog partition
+    being recovered would never see them again."""
+    consumer = consumer_of_an_app()
+    fetcher = BufferedFetcher({CHANGELOG: [Record(0), Record(1)], REQUESTS: [Record(7)]})
+    aiokafka_consumer = FetchingConsumer(fetcher)
+    thread = fetching(consumer, aiokafka_consumer)
+    fetch = asyncio.create_task(thread.getmany({CHANGELOG, REQUESTS}, 1.0))
+    await fetcher.waiting.wait()
+    if change == "flow stopped":
+        consumer.stop_flow()
+    else:
+        consumer.app.consumer_generation_id += 1
+    fetcher.answer.set()
+    assert await fetch == {}
+    assert sorted(aiokafka_consumer.seeks) == sorted([(CHANGELOG, 0), (REQUESTS, 7)])
