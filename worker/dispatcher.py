@@ -149,10 +149,11 @@ class Dispatcher:
     def _taken_before(self, message: Message) -> bool:
         """True for a record Faust hands over twice: the copy is dropped, the original runs on.
 
-        After an assignment Faust resumes the partitions, then seeks them to the committed
-        offset while its fetcher is already running: records handed over before the seek come
-        again. Acking the copy could commit past the still-running original, so it is only
-        dropped from Faust's unacked set.
+        Faust seeks partitions back to their committed offset while its fetcher runs, so records
+        handed over before a seek can come again. Acking the copy could commit past the
+        still-running original, so it is only dropped from Faust's unacked set. This holds
+        because what was taken before came in order from the committed offset:
+        ``worker.kafka_adapters.RewindingConsumer`` reads a partition only once it is sought.
         """
         last = self._last_taken.get(message.tp)
         if last is None or message.offset > last:

@@ -45,13 +45,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import aiokafka
 import faust
 import structlog
 from aiokafka.conn import CloseReason
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 from faust.exceptions import NotReady
 from faust.stores.memory import Store
+from faust.transport.consumer import RecordMap
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
@@ -281,7 +283,60 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 class RewindingConsumerThread(AIOKafkaConsumerThread):
-    """The consumer thread whose ``seek_to_committed`` also rewinds uncommitted partitions."""
+    """The consumer thread whose ``seek_to_committed`` also rewinds uncommitted partitions, and
+    whose fetch takes from aiokafka only what Faust will hand over.
+
+    Faust fetches with its live set of active partitions, which it changes while the fetch waits
+    in this thread (up to a second), and aiokafka reads an empty set as *every* partition. A
+    fetch under way when Faust paused everything (a rebalance, the end of a changelog read)
+    drained every partition's buffered records, advanced their positions, and Faust dropped the
+    records of partitions not active. A request partition then started past records nobody took
+    (requests lost); a changelog partition of a recovery that had just been sought to its start
+    never got its records, and the recovery waited for them forever. So the fetch asks for a copy
+    of the set taken when it starts (none when it is empty), and records it takes while Faust
+    stopped the flow or moved to another generation are given back: their partitions are sought
+    back to them.
+    """
+
+    async def getmany(  # Faust's signature
+        self,
+        active_partitions: set[TP] | None,
+        timeout: float,  # noqa: ASYNC109
+    ) -> RecordMap:
+        if active_partitions is None:  # a client-only app: every partition, as Faust means it
+            return await super().getmany(active_partitions, timeout)
+        asked = frozenset(active_partitions)
+        if not asked:
+            return {}
+        records: RecordMap = await self.call_thread(
+            self._fetch_asked,
+            self._ensure_consumer(),
+            asked,
+            self.consumer.app.consumer_generation_id,
+            timeout,
+        )
+        return records
+
+    async def _fetch_asked(
+        self,
+        consumer: aiokafka.AIOKafkaConsumer,
+        asked: frozenset[TP],
+        generation: int,
+        wait_s: float,
+    ) -> RecordMap:
+        """In the consumer thread: Faust's fetch of ``asked``, given back unless Faust takes it."""
+        records: RecordMap = await self._fetch_records(
+            consumer,
+            cast(set[TP], asked),
+            timeout=wait_s,
+            max_records=consumer._max_poll_records,  # noqa: SLF001  # as Faust's own getmany
+        )
+        if records and (
+            not self.consumer.flow_active or self.consumer.app.consumer_generation_id != generation
+        ):
+            give_back(consumer, records)
+            return {}
+        return records
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         # Typed ``int`` by Faust; aiokafka's values are None where nothing is committed.
@@ -292,11 +347,63 @@ class RewindingConsumerThread(AIOKafkaConsumerThread):
         return result
 
 
+def give_back(consumer: aiokafka.AIOKafkaConsumer, records: RecordMap) -> None:
+    """Seek each partition of ``records`` back to its first record, so it is fetched again."""
+    for tp, taken in records.items():
+        if not taken:
+            continue
+        try:
+            consumer.seek(tp, taken[0].offset)
+        except IllegalStateError:
+            continue  # no longer assigned: its next owner reads it from the committed offset
+    log.info(
+        "fetched records given back: the flow stopped or the generation changed",
+        partitions={
+            f"{tp.topic}[{tp.partition}]": taken[0].offset for tp, taken in records.items() if taken
+        },
+    )
+
+
 class RewindingConsumer(AIOKafkaConsumer):
-    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`."""
+    """Faust's aiokafka consumer running :class:`RewindingConsumerThread`, which resumes a
+    request partition only once it has been sought to its committed offset.
+
+    At the end of a table recovery Faust resumes the stream partitions and only then seeks them
+    to their committed offsets, with its fetcher running. Records fetched in between are handed
+    over from wherever the fetch position was, and any of them may be dropped on the way (a
+    batch cut short, a callback cancelled); after the seek the same offsets come again. A
+    record handed over in that first pass, above one that was dropped, ran out of order and made
+    the dropped one look like a copy of a record already taken: a request lost. Here a stream
+    partition Faust resumes stays paused until the seek that follows, so every record a stream
+    sees comes from the committed offset on, in order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Stream partitions Faust resumed, held paused until the next ``perform_seek``.
+        self._held_for_seek: set[TP] = set()
 
     def _new_consumer_thread(self) -> RewindingConsumerThread:
         return RewindingConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        tps = set(tps)
+        held = {tp for tp in tps if not self._is_changelog_tp(tp)}
+        self._held_for_seek |= held
+        super().resume_partitions(tps - held)
+
+    async def perform_seek(self) -> None:
+        try:
+            await super().perform_seek()
+        finally:
+            # Also when the seek failed: a partition left paused would never be read again.
+            held, self._held_for_seek = self._held_for_seek & self.assignment(), set()
+            if held:
+                super().resume_partitions(held)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._held_for_seek -= revoked
+        await super().on_partitions_revoked(revoked)
 
 
 class SteadyFlowControl(FlowControlEvent):

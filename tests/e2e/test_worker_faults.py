@@ -595,6 +595,10 @@ async def test_a_worker_joining_and_one_leaving_mid_run_keep_every_invariant(
         lambda conv, turn: paced(f"Turn {turn} of {conv}.", 6 + int(conv[1:]), 60),
     )
     env = {"TOPIC_PARTITIONS": "6"}
+
+    def in_flight() -> bool:
+        return bool(simulator.stats()["streams_in_flight"] > 0)
+
     first = workers.start("first", **env)
     second = workers.start("second", **env)
     for worker in (first, second):
@@ -604,11 +608,13 @@ async def test_a_worker_joining_and_one_leaving_mid_run_keep_every_invariant(
         feeding = asyncio.create_task(waves.every(1.5, stop))
         try:
             await reader.wait_for(lambda out: len(out.responses) >= 12, 60, "12 responses")
+            # Each change of membership comes while streams are in flight: the moment is when
+            # one is, not after a fixed sleep (on a loaded machine the feed may be between waves).
+            await wait_until(in_flight, 30, "a stream in flight before the join")
             third = workers.start("third", **env)
-            in_flight_at_join = simulator.stats()["streams_in_flight"]
             await asyncio.to_thread(third.wait_ready, 120)
             await asyncio.sleep(1.5)
-            in_flight_at_leave = simulator.stats()["streams_in_flight"]
+            await wait_until(in_flight, 30, "a stream in flight before the leave")
             assert await asyncio.to_thread(first.terminate) == 0, first.log_tail()
             await asyncio.sleep(2)
         finally:
@@ -617,8 +623,6 @@ async def test_a_worker_joining_and_one_leaving_mid_run_keep_every_invariant(
         await wait_all_answered(reader, plan, 180)
         await asyncio.sleep(2)
         await check_invariants("rebalance", plan, reader, simulator.calls(), runs=3)
-    assert in_flight_at_join > 0, "no stream was in flight when the third worker started"
-    assert in_flight_at_leave > 0, "no stream was in flight when the first worker left"
 
 
 # --- 3. broker restart ------------------------------------------------------------------------

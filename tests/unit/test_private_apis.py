@@ -19,6 +19,7 @@ from typing import Any
 import faust
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.producer.message_accumulator import MessageAccumulator, MessageBatch
 from aiokafka.structs import TopicPartition
 from faust.stores.memory import Store as MemoryStore
@@ -138,6 +139,25 @@ async def check_new_consumer_thread(producer: AIOKafkaProducer) -> None:
     assert issubclass(RewindingConsumer, FaustAIOKafkaConsumer)
 
 
+async def check_fetch_records(producer: AIOKafkaProducer) -> None:
+    # RewindingConsumerThread._fetch_asked runs Faust's in-thread fetch with its own set.
+    assert _params(AIOKafkaConsumerThread._fetch_records) == [
+        "self",
+        "consumer",
+        "active_partitions",
+        "timeout",
+        "max_records",
+    ]
+    assert "fetcher.fetched_records(" in _source(AIOKafkaConsumerThread._fetch_records)
+    assert "self._fetch_records" in _source(AIOKafkaConsumerThread.getmany)
+    # What the copy of the set answers: aiokafka reads an empty set as every partition.
+    assert "if partitions and tp not in partitions:" in _source(Fetcher.fetched_records)
+
+
+async def check_max_poll_records(producer: AIOKafkaProducer) -> None:
+    assert "max_records=_consumer._max_poll_records" in _source(AIOKafkaConsumerThread.getmany)
+
+
 async def check_consumer_wait_empty(producer: AIOKafkaProducer) -> None:
     assert _params(faust.App._consumer_wait_empty) == ["self", "consumer", "logger"]
     assert "_consumer_wait_empty" in vars(FaustApp)
@@ -203,6 +223,8 @@ CHECKS: dict[str, Callable[[AIOKafkaProducer], Any]] = {
     "ensure_consumer": check_ensure_consumer,
     "settings_extra": check_settings_extra,
     "new_consumer_thread": check_new_consumer_thread,
+    "fetch_records": check_fetch_records,
+    "max_poll_records": check_max_poll_records,
     "consumer_wait_empty": check_consumer_wait_empty,
     "unacked_messages": check_unacked_messages,
     "on_changelog_sent": check_on_changelog_sent,
@@ -214,6 +236,7 @@ CHECKS: dict[str, Callable[[AIOKafkaProducer], Any]] = {
 #: Private names used on ``self`` (overrides and inherited parts), which no noqa marks.
 SELF_USES = {
     "settings_extra",
+    "fetch_records",
     "consumer_wait_empty",
     "new_consumer_thread",
     "ensure_consumer",
