@@ -4,7 +4,9 @@ does not (WORKER_RECOVERY_STALL_S).
 While Faust recovers the table it keeps the request partitions paused and ``/healthz`` answers
 200, so a recovery that no longer reads anything would hold those requests forever with nothing
 to restart the process. The stall is made real: the worker's own broker is frozen (SIGSTOP of
-its JVM) while the recovery reads a 20,000-conversation changelog.
+its JVM) while the recovery reads a 40,000-conversation changelog, on 2 partitions of about 2 MB:
+more than aiokafka fetches of a partition at once (1 MB), so the recovery needs the broker again
+after the freeze. A smaller changelog is read whole before the freeze and recovers anyway.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from tests.e2e.harness import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
-PARTITIONS = 4
-#: Enough values that the replay takes a few seconds.
-CONVERSATIONS = 20_000
+PARTITIONS = 2
+#: Enough values that no partition fits in one fetch (``max_partition_fetch_bytes``, 1 MB).
+CONVERSATIONS = 40_000
 #: Requests of new conversations produced before the recovery: they wait for it.
 REQUESTS = 8
 #: What Faust logs when it starts reading the changelog (after highwaters and offsets are known).
