@@ -18,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from tests.e2e.harness import stop_process
+
 #: Flags for a machine without network access: no background traffic, no sandbox (root in CI).
 FLAGS = (
     "--headless",
@@ -89,13 +91,7 @@ class Chromium:
             await self._ws.close()
         if self._http is not None:
             await self._http.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
     async def _read(self) -> None:
         assert self._ws is not None

@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 import httpx
 
-from tests.e2e.harness import ROOT, Topics, free_port
+from tests.e2e.harness import ROOT, SimulatorProcess, Topics, WorkerProcess, free_port, stop_process
+from tests.kafka_fixture import create_topics
 from worker.gateway.tokens import issue_token
 
 SECRET = "gateway-test-secret-0123456789"
@@ -81,13 +82,28 @@ class GatewayProcess:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
+
+
+@contextlib.asynccontextmanager
+async def worker_and_gateway(
+    bootstrap: str,
+    topics: Topics,
+    simulator: SimulatorProcess,
+    log_dir: Path,
+    partitions: int,
+    **gateway_env: str,
+) -> AsyncIterator[tuple[WorkerProcess, GatewayProcess]]:
+    """A ready worker and a gateway on the test's topics (created with ``partitions``)."""
+    await create_topics(bootstrap, [topics.requests, topics.deltas, topics.responses], partitions)
+    worker = WorkerProcess(bootstrap, topics, simulator, log_dir).start()
+    gateway = GatewayProcess(bootstrap, topics, log_dir, **gateway_env).start()
+    try:
+        worker.wait_ready()
+        yield worker, gateway
+    finally:
+        gateway.stop()
+        worker.terminate()
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,18 @@ class Topics:
         }
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, grace_s: float) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it if it has not exited within ``grace_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class SimulatorProcess:
     """``vapi-worker simulator`` in its own process, as a real Vapi stand-in.
 
@@ -127,13 +139,7 @@ class SimulatorProcess:
         return stats
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 class WorkerProcess:

@@ -13,16 +13,15 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.e2e.chromium import Chromium
-from tests.e2e.gateway_process import GatewayProcess
+from tests.e2e.gateway_process import GatewayProcess, worker_and_gateway
 from tests.e2e.harness import ROOT, SimulatorProcess, Topics, WorkerProcess, read_topic
-from tests.kafka_fixture import create_topics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -32,26 +31,17 @@ GATEWAY_ENV = {"MAX_INPUT_CHARS": "200"}
 DELTAS_SHOWN = "window.chatEvents.filter(e => e.type === 'delta').length"
 
 
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.03")
-    yield sim.start()
-    sim.stop()
+SIM_ARGS = ("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.03")
 
 
 @pytest.fixture
 async def stack(
     kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
 ) -> AsyncIterator[tuple[WorkerProcess, GatewayProcess]]:
-    await create_topics(kafka_bootstrap, [topics.requests, topics.deltas, topics.responses], 4)
-    worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
-    gateway = GatewayProcess(kafka_bootstrap, topics, tmp_path, **GATEWAY_ENV).start()
-    try:
-        worker.wait_ready()
-        yield worker, gateway
-    finally:
-        gateway.stop()
-        worker.terminate()
+    async with worker_and_gateway(
+        kafka_bootstrap, topics, simulator, tmp_path, 4, **GATEWAY_ENV
+    ) as running:
+        yield running
 
 
 async def _say(page: Chromium, text: str, turn: int) -> dict[str, Any]:

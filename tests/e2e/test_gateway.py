@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from yarl import URL
 
-from tests.e2e.gateway_process import GatewayProcess, SseMessage, sse_messages
+from tests.e2e.gateway_process import GatewayProcess, SseMessage, sse_messages, worker_and_gateway
 from tests.e2e.harness import SimulatorProcess, Topics, WorkerProcess, read_topic
 from tests.kafka_fixture import create_topics
 from vapi_stream_client import partition_for
@@ -22,28 +22,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 PARTITIONS = 4
 
 
-@pytest.fixture
-def simulator() -> Iterator[SimulatorProcess]:
-    sim = SimulatorProcess("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.02")
-    yield sim.start()
-    sim.stop()
+SIM_ARGS = ("--first-token-latency-s", "0.05", "--inter-token-delay-s", "0.02")
 
 
 @pytest.fixture
 async def stack(
     kafka_bootstrap: str, simulator: SimulatorProcess, topics: Topics, tmp_path: Path
 ) -> AsyncIterator[tuple[WorkerProcess, GatewayProcess]]:
-    await create_topics(
-        kafka_bootstrap, [topics.requests, topics.deltas, topics.responses], PARTITIONS
-    )
-    worker = WorkerProcess(kafka_bootstrap, topics, simulator, tmp_path).start()
-    gateway = GatewayProcess(kafka_bootstrap, topics, tmp_path).start()
-    try:
-        worker.wait_ready()
-        yield worker, gateway
-    finally:
-        gateway.stop()
-        worker.terminate()
+    async with worker_and_gateway(
+        kafka_bootstrap, topics, simulator, tmp_path, PARTITIONS
+    ) as running:
+        yield running
 
 
 def _events_url(gateway: GatewayProcess, conversation: str) -> str:
